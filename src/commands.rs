@@ -1,0 +1,389 @@
+//! What each subcommand does. `main` parses the command line and calls [`run`].
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::api;
+use crate::app::{App, AppState, AuthMode, Shutdown};
+use crate::auth::{display_prefix, generate_key, hash_key};
+use crate::cli::{Cli, Command, ConfigCommand, DataArgs, KeysCommand, ServeArgs};
+use crate::config::{self, ConfigFile, Loaded, Overrides, Settings};
+use crate::db::{Database, EmbeddedMode};
+use crate::domain::{ApiKeyId, Role, TenantName};
+use crate::store::{self, keys, tenants};
+use crate::telemetry;
+
+/// Runs one command to completion.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let file = ConfigFile::from_arg(cli.config.clone());
+    let mut overrides = Overrides {
+        log_format: cli.log_format,
+        ..Overrides::default()
+    };
+    match cli.command {
+        Command::Config(ConfigCommand::Validate { file: path }) => {
+            let file = path.map(ConfigFile::Explicit).unwrap_or(file);
+            Ok(config_validate(&file, &overrides))
+        }
+        Command::Openapi { output } => {
+            let spec = api::openapi_json();
+            match output {
+                Some(path) => std::fs::write(&path, spec)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{spec}"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(args) => {
+            apply_serve_args(&mut overrides, &args);
+            let loaded = load(&file, &overrides)?;
+            up(loaded.settings).await
+        }
+        Command::Serve {
+            args,
+            insecure_no_auth,
+        } => {
+            apply_serve_args(&mut overrides, &args);
+            let loaded = load(&file, &overrides)?;
+            serve(loaded.settings, insecure_no_auth).await
+        }
+        Command::Migrate(data) => {
+            apply_data_args(&mut overrides, &data);
+            let settings = load(&file, &overrides)?.settings;
+            let db = Database::open(&settings, EmbeddedMode::OwnOrAttach).await?;
+            db.close().await;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys(cmd) => keys_command(cmd, &file, overrides).await,
+    }
+}
+
+fn apply_data_args(overrides: &mut Overrides, data: &DataArgs) {
+    overrides.data_dir = data.data_dir.clone();
+}
+
+fn apply_serve_args(overrides: &mut Overrides, args: &ServeArgs) {
+    overrides.listen = args.listen;
+    apply_data_args(overrides, &args.data);
+}
+
+/// Loads settings, starts logging, and reports what loading noticed.
+fn load(file: &ConfigFile, overrides: &Overrides) -> anyhow::Result<Loaded> {
+    let loaded = config::load(file, overrides)
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    telemetry::init(loaded.settings.log_format, &loaded.settings.log_level);
+    if let Some(path) = &loaded.file {
+        tracing::info!(file = %path.display(), "configuration loaded");
+    }
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    Ok(loaded)
+}
+
+fn config_validate(file: &ConfigFile, overrides: &Overrides) -> ExitCode {
+    match config::load(file, overrides) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                eprintln!("warning: {warning}");
+            }
+            print!("{}", config::render(&loaded.settings));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("invalid configuration:\n{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `up`: migrations, keys, the API; everything stops together on SIGINT/SIGTERM.
+async fn up(settings: Settings) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&settings, EmbeddedMode::Own).await?;
+    let result = async {
+        ensure_bootstrap_key(&db, &settings).await?;
+        if keys::count_active(&db.pool).await? == 0 {
+            let tenant = tenants::DEFAULT_TENANT_ID;
+            let secret = create_key(&db, tenant, "bootstrap", Role::Admin).await?;
+            println!("created an admin API key (shown only this once): {secret}");
+        }
+        run_http(&db, &settings, AuthMode::Keys).await
+    }
+    .await;
+    db.close().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// `serve`: the API alone. Refuses to run open unless told so, and then only on loopback.
+async fn serve(settings: Settings, insecure_no_auth: bool) -> anyhow::Result<ExitCode> {
+    if insecure_no_auth && !settings.listen.ip().is_loopback() {
+        bail!(
+            "--insecure-no-auth only binds a loopback address; {} is not one",
+            settings.listen
+        );
+    }
+    let db = Database::open(&settings, EmbeddedMode::OwnOrAttach).await?;
+    let result = async {
+        ensure_bootstrap_key(&db, &settings).await?;
+        let auth = if insecure_no_auth {
+            tracing::warn!("authentication is OFF (--insecure-no-auth): every local caller is an admin");
+            AuthMode::InsecureNoAuth
+        } else {
+            if keys::count_active(&db.pool).await? == 0 {
+                bail!(
+                    "no API keys exist: create one with `hotplex keys create --name NAME --role admin`, \
+                     set HOTPLEX_BOOTSTRAP_KEY, or pass --insecure-no-auth for local use"
+                );
+            }
+            AuthMode::Keys
+        };
+        run_http(&db, &settings, auth).await
+    }
+    .await;
+    db.close().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+async fn ensure_bootstrap_key(db: &Database, settings: &Settings) -> anyhow::Result<()> {
+    let Some(key) = &settings.bootstrap_key else {
+        return Ok(());
+    };
+    let hash = hash_key(key.expose());
+    let prefix = display_prefix(key.expose());
+    let new = keys::NewKey {
+        tenant_id: tenants::DEFAULT_TENANT_ID,
+        name: "bootstrap",
+        role: Role::Admin,
+        prefix: &prefix,
+        hash: &hash,
+    };
+    if keys::ensure_admin(&db.pool, new).await? {
+        tracing::info!(key.prefix = %prefix, "bootstrap admin key installed from HOTPLEX_BOOTSTRAP_KEY");
+    }
+    Ok(())
+}
+
+async fn create_key(
+    db: &Database,
+    tenant: crate::domain::TenantId,
+    name: &str,
+    role: Role,
+) -> anyhow::Result<String> {
+    let secret = generate_key();
+    let (prefix, hash) = (display_prefix(&secret), hash_key(&secret));
+    keys::insert(
+        &db.pool,
+        keys::NewKey {
+            tenant_id: tenant,
+            name,
+            role,
+            prefix: &prefix,
+            hash: &hash,
+        },
+    )
+    .await?;
+    Ok(secret)
+}
+
+/// Binds, announces the address on stdout, serves until a signal, drains, returns.
+async fn run_http(db: &Database, settings: &Settings, auth: AuthMode) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    let shutdown = Shutdown::new();
+    let forced = tokio_util::sync::CancellationToken::new();
+    shutdown
+        .tracker
+        .spawn(watch_signals(shutdown.token.clone(), forced.clone()));
+
+    let state = AppState::new(App {
+        pool: db.pool.clone(),
+        settings: std::sync::Arc::new(settings.clone()),
+        auth,
+    });
+    let router = api::router(state);
+    announce(addr);
+    tracing::info!(%addr, "hotplex API listening");
+    serve_until_shutdown(
+        listener,
+        router,
+        &shutdown,
+        &forced,
+        settings.http.shutdown_timeout,
+    )
+    .await?;
+
+    shutdown.token.cancel();
+    // Also releases the signal watcher from waiting for a second signal.
+    forced.cancel();
+    shutdown.tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), shutdown.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop in time");
+    }
+    tracing::info!("hotplex stopped");
+    Ok(())
+}
+
+fn announce(addr: SocketAddr) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "hotplex listening on http://{addr}");
+    let _ = out.flush();
+}
+
+/// Serves until the token is cancelled, then lets in-flight requests finish within `drain`.
+pub async fn serve_until_shutdown(
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: &Shutdown,
+    forced: &tokio_util::sync::CancellationToken,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let token = shutdown.token.clone();
+    let server = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { token.cancelled().await });
+    let deadline = async {
+        shutdown.token.cancelled().await;
+        tokio::select! {
+            () = tokio::time::sleep(drain) => tracing::warn!("in-flight requests did not finish within {drain:?}"),
+            () = forced.cancelled() => tracing::warn!("second signal: stopping without waiting"),
+        }
+    };
+    tokio::select! {
+        result = server => result.context("HTTP server failed")?,
+        () = deadline => {}
+    }
+    Ok(())
+}
+
+/// First SIGINT/SIGTERM: graceful shutdown. Second: stop waiting for requests.
+async fn watch_signals(
+    token: tokio_util::sync::CancellationToken,
+    forced: tokio_util::sync::CancellationToken,
+) {
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    let Ok(mut int) = signal(SignalKind::interrupt()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        () = token.cancelled() => return,
+    }
+    tracing::info!("shutting down (signal again to skip draining)");
+    token.cancel();
+    tokio::select! {
+        _ = term.recv() => forced.cancel(),
+        _ = int.recv() => forced.cancel(),
+        () = forced.cancelled() => {}
+    }
+}
+
+async fn keys_command(
+    cmd: KeysCommand,
+    file: &ConfigFile,
+    mut overrides: Overrides,
+) -> anyhow::Result<ExitCode> {
+    let data = match &cmd {
+        KeysCommand::Create { data, .. }
+        | KeysCommand::List { data, .. }
+        | KeysCommand::Revoke { data, .. } => data,
+    };
+    apply_data_args(&mut overrides, data);
+    let settings = load(file, &overrides)?.settings;
+    let db = Database::open(&settings, EmbeddedMode::OwnOrAttach).await?;
+    let result = keys_on(&db, cmd).await;
+    db.close().await;
+    result
+}
+
+async fn keys_on(db: &Database, cmd: KeysCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeysCommand::Create {
+            name, tenant, role, ..
+        } => {
+            let name = crate::domain::parse_label("name", &name)?;
+            let tenant = tenants::get_or_create(&db.pool, &TenantName::parse(&tenant)?).await?;
+            let secret = create_key(db, tenant.tenant_id, &name, role).await?;
+            audit_cli(db, tenant.tenant_id, "key.create", &display_prefix(&secret)).await?;
+            println!("{secret}");
+            eprintln!(
+                "created {} key {name:?} for tenant {}; the secret above is shown only once",
+                role.as_str(),
+                tenant.name
+            );
+        }
+        KeysCommand::List { tenant, .. } => {
+            let tenant_id = match tenant {
+                Some(name) => {
+                    let row = tenants::find_by_name(&db.pool, &TenantName::parse(&name)?).await?;
+                    Some(
+                        row.with_context(|| format!("no tenant named {name}"))?
+                            .tenant_id,
+                    )
+                }
+                None => None,
+            };
+            let rows = keys::list(&db.pool, tenant_id).await?;
+            println!(
+                "{:<36}  {:<12}  {:<16}  {:<5}  {:<7}  NAME",
+                "ID", "PREFIX", "TENANT", "ROLE", "STATE"
+            );
+            for r in rows {
+                let state = if r.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<36}  {:<12}  {:<16}  {:<5}  {:<7}  {}",
+                    r.api_key_id, r.key_prefix, r.tenant_name, r.role, state, r.name
+                );
+            }
+        }
+        KeysCommand::Revoke { id, .. } => {
+            let id: ApiKeyId = id
+                .parse()
+                .map_err(|_| anyhow::anyhow!("{id:?} is not a key id (see `hotplex keys list`)"))?;
+            let row = keys::revoke(&db.pool, id)
+                .await?
+                .with_context(|| format!("no key with id {id}"))?;
+            audit_cli(db, row.tenant_id, "key.revoke", &id.to_string()).await?;
+            println!("revoked {} ({})", row.api_key_id, row.name);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn audit_cli(
+    db: &Database,
+    tenant: crate::domain::TenantId,
+    action: &str,
+    target: &str,
+) -> anyhow::Result<()> {
+    store::audit::record(
+        &db.pool,
+        store::audit::AuditEntry {
+            tenant_id: Some(tenant),
+            actor: "cli",
+            action,
+            target_type: "api_key",
+            target_id: target,
+            details: serde_json::json!({}),
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! The only place with SQL: connecting, migrating, and one module per table family.
+
+pub mod audit;
+pub mod keys;
+pub mod sessions;
+pub mod tenants;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+use crate::config::DatabaseSettings;
+
+/// hotplex's own migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("job queue migrations: {0}")]
+    Queue(String),
+    /// A row holds a value the code does not know (e.g. written by a newer version).
+    #[error("unexpected value in the database: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Opens a pool. Statement logging stays off: statements may carry prompts.
+pub async fn connect(options: PgConnectOptions, settings: &DatabaseSettings) -> Result<PgPool> {
+    let options = options
+        .log_statements(tracing::log::LevelFilter::Off)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Applies hotplex's migrations, then the job queue's (schema `apalis`).
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    MIGRATOR.run(pool).await?;
+    apalis_postgres::PostgresStorage::setup(pool)
+        .await
+        .map_err(|e| Error::Queue(e.to_string()))?;
+    Ok(())
+}
+
+/// `select 1`, for readiness probes.
+pub async fn ping(pool: &PgPool) -> Result<()> {
+    sqlx::query("select 1").execute(pool).await?;
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! Sessions: creation (idempotent for derived ids), lookup, keyset listing, soft delete.
+//! Every query is scoped by tenant: a session of another tenant does not exist here.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, PgExecutor, PgPool};
+
+use super::Result;
+use crate::domain::{PermissionMode, Provider, SessionId, SessionStatus, TenantId};
+
+/// Agent settings kept as one jsonb column, so new knobs need no migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SessionOptions {
+    pub system_prompt: Option<String>,
+    pub allowed_tools: Vec<String>,
+    pub disallowed_tools: Vec<String>,
+    pub permission_mode: PermissionMode,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SessionRow {
+    pub session_id: SessionId,
+    pub tenant_id: TenantId,
+    pub external_id: Option<String>,
+    pub namespace: Option<String>,
+    pub provider: String,
+    pub work_dir: Option<String>,
+    pub model: Option<String>,
+    pub options: Json<SessionOptions>,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_active_at: DateTime<Utc>,
+}
+
+impl SessionRow {
+    pub fn provider(&self) -> Result<Provider> {
+        self.provider
+            .parse()
+            .map_err(|_| super::Error::Corrupt(format!("session provider {:?}", self.provider)))
+    }
+
+    pub fn status(&self) -> Result<SessionStatus> {
+        self.status
+            .parse()
+            .map_err(|_| super::Error::Corrupt(format!("session status {:?}", self.status)))
+    }
+}
+
+const COLUMNS: &str = "session_id, tenant_id, external_id, namespace, provider, work_dir, model,
+    options, status, created_at, updated_at, last_active_at";
+
+/// What a new session is made of.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub session_id: SessionId,
+    pub tenant_id: TenantId,
+    pub external_id: Option<String>,
+    pub namespace: Option<String>,
+    pub provider: Provider,
+    pub work_dir: Option<String>,
+    pub model: Option<String>,
+    pub options: SessionOptions,
+}
+
+/// How a create request ended.
+#[derive(Debug)]
+pub enum Created {
+    /// A new session (or a deleted one brought back under the same derived id).
+    New(SessionRow),
+    /// The live session with that id already existed: returned unchanged.
+    Existing(SessionRow),
+    /// The id belongs to another tenant.
+    Conflict,
+}
+
+pub async fn create(pool: &PgPool, new: &NewSession) -> Result<Created> {
+    let inserted = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "insert into sessions (session_id, tenant_id, external_id, namespace, provider, work_dir, model, options)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
+         on conflict (session_id) do nothing
+         returning {COLUMNS}"
+    )))
+    .bind(new.session_id)
+    .bind(new.tenant_id)
+    .bind(&new.external_id)
+    .bind(&new.namespace)
+    .bind(new.provider.as_str())
+    .bind(&new.work_dir)
+    .bind(&new.model)
+    .bind(Json(&new.options))
+    .fetch_optional(pool)
+    .await?;
+    if let Some(row) = inserted {
+        return Ok(Created::New(row));
+    }
+
+    // The id exists. A deleted session of the same tenant comes back as a new incarnation
+    // (fresh settings, fresh agent context); its event seq continues, so replay stays sane.
+    let revived = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "update sessions
+            set provider = $3, work_dir = $4, model = $5, options = $6, status = 'idle',
+                cli_session_id = null, deleted_at = null, updated_at = now(), last_active_at = now()
+          where session_id = $1 and tenant_id = $2 and status = 'deleted'
+          returning {COLUMNS}"
+    )))
+    .bind(new.session_id)
+    .bind(new.tenant_id)
+    .bind(new.provider.as_str())
+    .bind(&new.work_dir)
+    .bind(&new.model)
+    .bind(Json(&new.options))
+    .fetch_optional(pool)
+    .await?;
+    if let Some(row) = revived {
+        return Ok(Created::New(row));
+    }
+
+    match get(pool, new.tenant_id, new.session_id).await? {
+        Some(row) => Ok(Created::Existing(row)),
+        None => Ok(Created::Conflict),
+    }
+}
+
+/// A live session of the tenant.
+pub async fn get(
+    db: impl PgExecutor<'_>,
+    tenant: TenantId,
+    id: SessionId,
+) -> Result<Option<SessionRow>> {
+    let row = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "select {COLUMNS} from sessions
+          where session_id = $1 and tenant_id = $2 and status <> 'deleted'"
+    )))
+    .bind(id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await?;
+    Ok(row)
+}
+
+/// Position after which a page starts: the last row of the previous page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: DateTime<Utc>,
+    pub session_id: SessionId,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<SessionStatus>,
+    pub provider: Option<Provider>,
+    pub after: Option<Cursor>,
+}
+
+/// A page of the tenant's live sessions, newest first; the cursor is set when more follow.
+pub async fn list(
+    db: impl PgExecutor<'_>,
+    tenant: TenantId,
+    filter: &ListFilter,
+    limit: u32,
+) -> Result<(Vec<SessionRow>, Option<Cursor>)> {
+    let mut rows = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "select {COLUMNS} from sessions
+          where tenant_id = $1 and status <> 'deleted'
+            and ($2::text is null or status = $2)
+            and ($3::text is null or provider = $3)
+            and ($4::timestamptz is null or (created_at, session_id) < ($4, $5))
+          order by created_at desc, session_id desc
+          limit $6"
+    )))
+    .bind(tenant)
+    .bind(filter.status.map(SessionStatus::as_str))
+    .bind(filter.provider.map(Provider::as_str))
+    .bind(filter.after.map(|c| c.created_at))
+    .bind(filter.after.map(|c| c.session_id))
+    .bind(i64::from(limit) + 1)
+    .fetch_all(db)
+    .await?;
+    let next = if rows.len() > limit as usize {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| Cursor {
+            created_at: r.created_at,
+            session_id: r.session_id,
+        })
+    } else {
+        None
+    };
+    Ok((rows, next))
+}
+
+/// Marks the session deleted; `false` when the tenant has no such live session.
+pub async fn delete(db: impl PgExecutor<'_>, tenant: TenantId, id: SessionId) -> Result<bool> {
+    let n = sqlx::query(
+        "update sessions set status = 'deleted', deleted_at = now(), updated_at = now()
+          where session_id = $1 and tenant_id = $2 and status <> 'deleted'",
+    )
+    .bind(id)
+    .bind(tenant)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
