@@ -1,17 +1,20 @@
 //! Extractors whose rejections are [`ApiError`]s, so a bad body, path or query gets the
 //! envelope and the right status instead of axum's plain text.
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 
-/// JSON body: malformed → 400, wrong shape → 422, wrong content type → 415, too big → 413.
+/// JSON body: malformed → 400, wrong shape or type → 422, wrong content type → 415,
+/// too big → 413. Syntax is checked before shape, so `{"provider": 5}` is a 422 (serde_json
+/// alone would call it a syntax error).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AppJson<T>(pub T);
 
@@ -23,14 +26,17 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !is_json(req.headers()) {
+            return Err(unsupported_media_type());
         }
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(bytes_rejection)?;
+        parse(&bytes).map(Self)
     }
 }
 
-/// Like [`AppJson`], but an empty body (no content at all) means `T::default()`.
+/// Like [`AppJson`], but an empty body without a content type means `T::default()`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AppJsonOrDefault<T>(pub T);
 
@@ -42,60 +48,76 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let empty = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .is_none()
-            && req
-                .headers()
-                .get(axum::http::header::CONTENT_LENGTH)
-                .is_none_or(|v| v.as_bytes() == b"0");
-        if empty {
-            let bytes = axum::body::Bytes::from_request(req, state)
-                .await
-                .map_err(|e| ApiError::new(e.status(), "invalid_body", e.body_text()))?;
-            if bytes.is_empty() {
-                return Ok(Self(T::default()));
-            }
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "expected `Content-Type: application/json`",
-            ));
+        let has_type = req.headers().contains_key(header::CONTENT_TYPE);
+        if has_type && !is_json(req.headers()) {
+            return Err(unsupported_media_type());
         }
-        AppJson::<T>::from_request(req, state)
+        let bytes = Bytes::from_request(req, state)
             .await
-            .map(|AppJson(v)| Self(v))
+            .map_err(bytes_rejection)?;
+        if bytes.is_empty() && !has_type {
+            return Ok(Self(T::default()));
+        }
+        if !has_type {
+            return Err(unsupported_media_type());
+        }
+        parse(&bytes).map(Self)
     }
 }
 
-fn json_rejection(rejection: JsonRejection) -> ApiError {
-    let status = rejection.status();
-    match rejection {
-        JsonRejection::JsonDataError(e) => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            // serde's own words name the field and the problem.
-            e.body_text()
-                .trim_start_matches("Failed to deserialize the JSON body into the target type: ")
-                .to_string(),
-        ),
-        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("malformed_json", e.body_text()),
-        JsonRejection::MissingJsonContentType(_) => ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "expected `Content-Type: application/json`",
-        ),
-        other if status == StatusCode::PAYLOAD_TOO_LARGE => {
-            let _ = other;
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "request body is too large",
-            )
-        }
-        other => ApiError::new(status, "invalid_body", other.body_text()),
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+fn unsupported_media_type() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        "expected `Content-Type: application/json`",
+    )
+}
+
+fn bytes_rejection(e: BytesRejection) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body is too large",
+        )
+    } else {
+        ApiError::new(e.status(), "invalid_body", e.body_text())
     }
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
+    })?;
+    // Every body of this API is an object; serde would otherwise accept a struct as an array.
+    if !value.is_object() {
+        return Err(ApiError::unprocessable("the body must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let message = if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        };
+        ApiError::unprocessable(message)
+    })
 }
 
 impl<T: Serialize> IntoResponse for AppJson<T> {

@@ -1,0 +1,10 @@
+//! The one integration-test binary: API, process and contract tests against real PostgreSQL.
+
+mod admin;
+mod auth;
+mod errors;
+mod health;
+mod openapi;
+mod processes;
+mod sessions;
+mod support;

@@ -1,0 +1,323 @@
+//! Test harness: a fresh PostgreSQL database per test (on `DATABASE_URL`'s server, else on
+//! a private embedded cluster shared by this test process), and the app served on
+//! `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use hotplex::api;
+use hotplex::app::{App, AppState, AuthMode, Shutdown};
+use hotplex::auth::{display_prefix, generate_key, hash_key};
+use hotplex::config::Settings;
+use hotplex::domain::{Role, TenantName};
+use hotplex::embedded_pg::{self, EmbeddedPg};
+use hotplex::store;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::sync::OnceCell;
+
+/// Where test databases are created.
+struct Server {
+    /// Options for the maintenance database; test databases swap the name.
+    admin: PgConnectOptions,
+    /// A URL template: `{db}` is replaced by a database name.
+    url_template: String,
+}
+
+static SERVER: OnceCell<Server> = OnceCell::const_new();
+
+async fn server() -> &'static Server {
+    SERVER
+        .get_or_init(|| async {
+            match std::env::var("DATABASE_URL") {
+                Ok(url) if !url.is_empty() => external(&url),
+                _ => embedded().await,
+            }
+        })
+        .await
+}
+
+fn external(url: &str) -> Server {
+    let admin =
+        PgConnectOptions::from_str(url).expect("DATABASE_URL is not a valid PostgreSQL URL");
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut template = format!("{}/{{db}}", &base[..path_start]);
+    if let Some(q) = query {
+        template.push('?');
+        template.push_str(q);
+    }
+    Server {
+        admin,
+        url_template: template,
+    }
+}
+
+/// A private cluster for this test process. The `EmbeddedPg` handle is leaked on purpose
+/// (statics are never dropped); a watchdog process stops the cluster and removes its
+/// directory once this process is gone, however it ends.
+async fn embedded() -> Server {
+    let dir = std::env::temp_dir().join(format!("hotplex-test-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the test cluster dir");
+    let pg = EmbeddedPg::start(embedded_pg::Options {
+        data_dir: dir.clone(),
+        bin_dir: None,
+        run_as: None,
+        ephemeral: true,
+    })
+    .await
+    .expect("starting an embedded PostgreSQL for the tests (or set DATABASE_URL)");
+    let pid = pg.pid().expect("we own the test cluster");
+    spawn_watchdog(pid, &dir);
+    let server = Server {
+        admin: pg.connect_options_for("postgres"),
+        url_template: pg.url("{db}"),
+    };
+    std::mem::forget(pg);
+    server
+}
+
+fn spawn_watchdog(pg_pid: u32, dir: &std::path::Path) {
+    let script = r#"while kill -0 "$0" 2>/dev/null; do sleep 0.5; done
+kill -INT "$1" 2>/dev/null
+for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$1" 2>/dev/null || break; sleep 0.5; done
+kill -KILL "$1" 2>/dev/null
+rm -rf "$2""#;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(script)
+        .arg(std::process::id().to_string())
+        .arg(pg_pid.to_string())
+        .arg(dir);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.spawn().expect("spawning the test cluster watchdog");
+}
+
+/// A fresh, migrated database, dropped when the test ends.
+pub struct TestDb {
+    pub pool: PgPool,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let server = server().await;
+        let name = format!("hotplex_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = server
+            .admin
+            .clone()
+            .connect()
+            .await
+            .expect("connecting to the test server");
+        sqlx::query(sqlx::AssertSqlSafe(format!("create database {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("creating a test database");
+        admin.close().await.ok();
+        let options = server
+            .admin
+            .clone()
+            .database(&name)
+            .log_statements(tracing_log_off());
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect_with(options)
+            .await
+            .expect("connecting");
+        store::migrate(&pool)
+            .await
+            .expect("migrating the test database");
+        let url = server.url_template.replace("{db}", &name);
+        Self { pool, name, url }
+    }
+}
+
+fn tracing_log_off() -> tracing::log::LevelFilter {
+    tracing::log::LevelFilter::Off
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let Some(server) = SERVER.get() else { return };
+        let admin = server.admin.clone();
+        // Drop runs inside the test's runtime; do the async cleanup on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut conn) = PgConnection::connect_with(&admin).await {
+                    let sql = format!("drop database if exists {name} with (force)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                    let _ = conn.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Settings for tests: a temp data dir, everything else default.
+pub fn test_settings(data_dir: &std::path::Path) -> Settings {
+    Settings {
+        data_dir: data_dir.to_path_buf(),
+        ..Settings::default()
+    }
+}
+
+/// The app on `127.0.0.1:<random>`, with an admin key of the default tenant.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+    pub admin_key: String,
+    pub settings: Arc<Settings>,
+    shutdown: Shutdown,
+    _dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}, AuthMode::Keys).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings), auth: AuthMode) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut settings = test_settings(dir.path());
+        configure(&mut settings);
+        let settings = Arc::new(settings);
+        let db = TestDb::new().await;
+        let admin_key = create_key(&db.pool, "default", Role::Admin).await;
+        let state = AppState::new(App {
+            pool: db.pool.clone(),
+            settings: settings.clone(),
+            auth,
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = Shutdown::new();
+        let token = shutdown.token.clone();
+        let router = api::router(state);
+        shutdown.tracker.spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+        });
+        Self {
+            addr,
+            client: reqwest::Client::new(),
+            db,
+            admin_key,
+            settings,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn get(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path)).bearer_auth(key)
+    }
+
+    pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(key)
+    }
+
+    pub fn delete(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client.delete(self.url(path)).bearer_auth(key)
+    }
+
+    /// A user key of `tenant` (created if missing).
+    pub async fn user_key(&self, tenant: &str) -> String {
+        create_key(&self.db.pool, tenant, Role::User).await
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.token.cancel();
+    }
+}
+
+pub async fn create_key(pool: &PgPool, tenant: &str, role: Role) -> String {
+    let tenant =
+        store::tenants::get_or_create(pool, &TenantName::parse(tenant).expect("tenant name"))
+            .await
+            .expect("tenant");
+    let secret = generate_key();
+    let (prefix, hash) = (display_prefix(&secret), hash_key(&secret));
+    store::keys::insert(
+        pool,
+        store::keys::NewKey {
+            tenant_id: tenant.tenant_id,
+            name: "test",
+            role,
+            prefix: &prefix,
+            hash: &hash,
+        },
+    )
+    .await
+    .expect("key");
+    secret
+}
+
+/// Asserts the error envelope and returns its code.
+pub async fn assert_envelope(response: reqwest::Response, status: u16) -> (String, String) {
+    let actual = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let text = response.text().await.expect("body");
+    assert_eq!(actual, status, "unexpected status; body: {text}");
+    assert!(
+        content_type.starts_with("application/json"),
+        "content-type {content_type:?}"
+    );
+    let body: serde_json::Value = serde_json::from_str(&text).expect("JSON body");
+    let code = body["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.code in {body}"))
+        .to_owned();
+    let message = body["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message in {body}"))
+        .to_owned();
+    assert_eq!(
+        body.as_object().map(|o| o.len()),
+        Some(1),
+        "envelope has extra keys: {body}"
+    );
+    (code, message)
+}
+
+/// The hotplex binary built for these tests.
+pub fn hotplex_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hotplex"))
+}
