@@ -86,6 +86,10 @@ async fn embedded() -> Server {
     server
 }
 
+#[expect(
+    clippy::zombie_processes,
+    reason = "the watchdog outlives this process on purpose; init reaps it"
+)]
 fn spawn_watchdog(pg_pid: u32, dir: &std::path::Path) {
     let script = r#"while kill -0 "$0" 2>/dev/null; do sleep 0.5; done
 kill -INT "$1" 2>/dev/null
