@@ -79,7 +79,10 @@ create table session_leases (
     worker_id   uuid not null references workers on delete cascade,
     generation  bigint not null,
     acquired_at timestamptz not null default now(),
-    expires_at  timestamptz not null
+    expires_at  timestamptz not null,
+    -- The warm agent process, while one runs (shown by GET /v1/sessions/{id}).
+    pid                integer,
+    process_started_at timestamptz
 );
 create index session_leases_worker_idx on session_leases (worker_id);
 create index session_leases_expiry_idx on session_leases (expires_at);
@@ -99,6 +102,8 @@ create table turns (
     error           text,
     worker_id       uuid references workers on delete set null,
     lease_generation bigint,
+    -- Set by POST /v1/sessions/{id}/interrupt; the owner worker acts on it.
+    interrupt_requested_at timestamptz,
     created_at      timestamptz not null default now(),
     started_at      timestamptz,
     completed_at    timestamptz,
@@ -123,14 +128,18 @@ create table session_events (
 );
 create index session_events_turn_idx on session_events (turn_id, seq) where turn_id is not null;
 
-create function notify_session_event() returns trigger language plpgsql as $$
+-- One notification per session and statement, carrying the highest new seq: a batch of
+-- coalesced events costs one NOTIFY, and readers fetch everything up to it.
+create function notify_session_events() returns trigger language plpgsql as $$
 begin
-    perform pg_notify('session_events', new.session_id::text || ':' || new.seq::text);
+    perform pg_notify('session_events', session_id::text || ':' || max(seq)::text)
+       from new_rows group by session_id;
     return null;
 end;
 $$;
 create trigger session_events_notify after insert on session_events
-    for each row execute function notify_session_event();
+    referencing new table as new_rows
+    for each statement execute function notify_session_events();
 
 -- Tokens and cost of one finished turn. `cost_usd` is this turn's own cost (the CLI
 -- reports running totals; the worker stores the difference).

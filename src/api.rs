@@ -5,9 +5,11 @@ pub mod admin;
 pub mod auth;
 pub mod docs;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod health;
 pub mod sessions;
+pub mod turns;
 
 use std::time::Duration;
 
@@ -36,6 +38,8 @@ use error::ApiError;
 pub mod tags {
     pub const HEALTH: &str = "health";
     pub const SESSIONS: &str = "sessions";
+    pub const TURNS: &str = "turns";
+    pub const EVENTS: &str = "events";
     pub const ADMIN: &str = "admin";
 }
 
@@ -44,6 +48,10 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
         .routes(routes!(sessions::create_session, sessions::list_sessions))
         .routes(routes!(sessions::get_session, sessions::delete_session))
+        .routes(routes!(turns::create_turn, turns::list_turns))
+        .routes(routes!(turns::get_turn))
+        .routes(routes!(turns::interrupt_session))
+        .routes(routes!(events::stream_events))
         .routes(routes!(admin::get_whoami))
         .nest(
             "/admin",

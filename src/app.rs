@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
+use crate::events::hub::EventHub;
 
 /// How requests are authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,10 @@ pub struct App {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
     pub auth: AuthMode,
+    /// Wake-ups for event streams, fed by this process's LISTEN connection.
+    pub hub: EventHub,
+    /// Cancelled at shutdown: long-lived responses (event streams, waits) end with it.
+    pub shutdown: CancellationToken,
 }
 
 /// Cheap-to-clone handle to [`App`], the axum state.
@@ -34,6 +39,30 @@ pub struct AppState(pub Arc<App>);
 impl AppState {
     pub fn new(app: App) -> Self {
         Self(Arc::new(app))
+    }
+
+    /// The state of an API process: its event hub is fed by one LISTEN connection, a task
+    /// tracked by `shutdown` and stopped with it.
+    pub fn start(
+        pool: PgPool,
+        settings: Arc<Settings>,
+        auth: AuthMode,
+        shutdown: &Shutdown,
+    ) -> Self {
+        let hub = EventHub::new();
+        shutdown.tracker.spawn(crate::events::listener::run(
+            pool.clone(),
+            vec![crate::events::EVENTS_CHANNEL],
+            hub.clone(),
+            shutdown.token.child_token(),
+        ));
+        Self::new(App {
+            pool,
+            settings,
+            auth,
+            hub,
+            shutdown: shutdown.token.clone(),
+        })
     }
 }
 

@@ -50,6 +50,22 @@ pub enum Command {
     /// Manage API keys directly in the database.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// A fake Claude Code speaking stream-json, for tests and benchmarks.
+    #[command(hide = true)]
+    FakeAgent {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// A mock Anthropic Messages API on 127.0.0.1, for running the real CLI offline.
+    #[command(hide = true)]
+    MockAnthropic {
+        /// Port to bind (0 picks one; the port is printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Delay before each streamed delta in `[[slow]]` mode, in milliseconds.
+        #[arg(long, default_value_t = 250)]
+        delay_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::api;
-use crate::app::{App, AppState, AuthMode, Shutdown};
+use crate::app::{AppState, AuthMode, Shutdown};
 use crate::auth::{display_prefix, generate_key, hash_key};
 use crate::cli::{Cli, Command, ConfigCommand, DataArgs, KeysCommand, ServeArgs};
 use crate::config::{self, ConfigFile, Loaded, Overrides, Settings};
@@ -62,6 +62,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(cmd) => keys_command(cmd, &file, overrides).await,
+        Command::FakeAgent { args } => Ok(crate::fake_agent::run(args).await),
+        Command::MockAnthropic { port, delay_ms } => {
+            let options = crate::mock_llm::anthropic::MockOptions {
+                delay: Duration::from_millis(delay_ms),
+                ..Default::default()
+            };
+            crate::mock_llm::anthropic::run_cli(port, options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -204,11 +213,12 @@ async fn run_http(db: &Database, settings: &Settings, auth: AuthMode) -> anyhow:
         .tracker
         .spawn(watch_signals(shutdown.token.clone(), forced.clone()));
 
-    let state = AppState::new(App {
-        pool: db.pool.clone(),
-        settings: std::sync::Arc::new(settings.clone()),
+    let state = AppState::start(
+        db.pool.clone(),
+        std::sync::Arc::new(settings.clone()),
         auth,
-    });
+        &shutdown,
+    );
     let router = api::router(state);
     announce(addr);
     tracing::info!(%addr, "hotplex API listening");

@@ -82,7 +82,43 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub http: HttpSettings,
     pub embedded: EmbeddedSettings,
+    pub worker: WorkerSettings,
     pub providers: ProvidersSettings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Sessions one worker keeps warm at most; more wait in the queue.
+    pub capacity: u32,
+    /// How long a session's lease lasts unless renewed (renewed every third of it).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// A warm agent process with no turn for this long is stopped (resumed on next turn).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A turn running longer than this fails.
+    #[serde(with = "humantime_serde")]
+    pub turn_timeout: Duration,
+    /// A turn with no output from the agent for this long is interrupted, then killed.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Between SIGTERM and SIGKILL when an agent process is stopped.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            capacity: 32,
+            lease_ttl: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(30 * 60),
+            turn_timeout: Duration::from_secs(30 * 60),
+            stall_timeout: Duration::from_secs(10 * 60),
+            stop_grace: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -138,6 +174,10 @@ pub struct ProviderSettings {
     /// Extra environment for the agent process (it gets nothing else of ours).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// `HOME` of the agent processes (their transcripts and settings live there);
+    /// default `<data_dir>/agent-home`.
+    #[serde(default)]
+    pub home: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -154,6 +194,7 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             http: HttpSettings::default(),
             embedded: EmbeddedSettings::default(),
+            worker: WorkerSettings::default(),
             providers: ProvidersSettings::default(),
         }
     }
@@ -186,11 +227,13 @@ impl Default for ProvidersSettings {
                 binary: "claude".into(),
                 args: Vec::new(),
                 env: BTreeMap::new(),
+                home: None,
             },
             opencode: ProviderSettings {
                 binary: "opencode".into(),
                 args: Vec::new(),
                 env: BTreeMap::new(),
+                home: None,
             },
         }
     }
@@ -405,6 +448,9 @@ fn is_known(tree: &Dict, path: &[String]) -> bool {
     if path.len() == 2 && first == "embedded" && ["bin_dir", "run_as"].contains(&rest[0].as_str()) {
         return true;
     }
+    if path.len() == 3 && first == "providers" && path[2] == "home" {
+        return true;
+    }
     // Provider `env` maps take any variable name.
     if path.len() == 4 && first == "providers" && path[2] == "env" {
         return tree
@@ -459,6 +505,22 @@ fn validate(s: &Settings) -> Result<(), Error> {
     }
     if s.http.request_timeout.is_zero() {
         return bad("http.request_timeout", "must be greater than 0");
+    }
+    let w = &s.worker;
+    if w.capacity == 0 {
+        return bad("worker.capacity", "must be greater than 0");
+    }
+    if w.lease_ttl < Duration::from_secs(3) {
+        return bad("worker.lease_ttl", "must be at least 3s");
+    }
+    for (key, d) in [
+        ("worker.idle_timeout", w.idle_timeout),
+        ("worker.turn_timeout", w.turn_timeout),
+        ("worker.stall_timeout", w.stall_timeout),
+    ] {
+        if d.is_zero() {
+            return bad(key, "must be greater than 0");
+        }
     }
     if s.database.max_connections == 0 {
         return bad("database.max_connections", "must be greater than 0");

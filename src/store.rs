@@ -1,9 +1,14 @@
 //! The only place with SQL: connecting, migrating, and one module per table family.
 
 pub mod audit;
+pub mod events;
 pub mod keys;
+pub mod leases;
+pub mod queue;
 pub mod sessions;
 pub mod tenants;
+pub mod turns;
+pub mod workers;
 
 use std::time::Duration;
 
@@ -23,6 +28,9 @@ pub enum Error {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("job queue migrations: {0}")]
     Queue(String),
+    /// The writer no longer holds the session's lease: another worker owns it now.
+    #[error("the session's lease is held by another worker")]
+    Fenced,
     /// A row holds a value the code does not know (e.g. written by a newer version).
     #[error("unexpected value in the database: {0}")]
     Corrupt(String),

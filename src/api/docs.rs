@@ -5,7 +5,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{IntoResponses, Modify, OpenApi};
 
 use super::error::ErrorBody;
-use super::tags::{ADMIN, HEALTH, SESSIONS};
+use super::tags::{ADMIN, EVENTS, HEALTH, SESSIONS, TURNS};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,6 +19,8 @@ use super::tags::{ADMIN, HEALTH, SESSIONS};
     tags(
         (name = HEALTH, description = "Liveness and readiness probes (no key needed)"),
         (name = SESSIONS, description = "Agent sessions of the caller's tenant"),
+        (name = TURNS, description = "Prompts and their outcomes; one turn at a time per session"),
+        (name = EVENTS, description = "Everything a session emits, streamed with replay"),
         (name = ADMIN, description = "Tenants and API keys (admin keys only)"),
     ),
     components(schemas(ErrorBody)),

@@ -231,6 +231,11 @@ pub async fn delete_session(
     if !sessions::delete(&mut *tx, principal.tenant_id, path.session_id).await? {
         return Err(ApiError::not_found("session not found"));
     }
+    // Nothing accepted is dropped silently: pending turns end visibly, and the owner worker
+    // (if any) is told to stop the session's agent.
+    crate::store::turns::fail_unfinished(&mut tx, path.session_id, "the session was deleted")
+        .await?;
+    crate::store::turns::notify_control(&mut tx, path.session_id, "delete").await?;
     let target = path.session_id.to_string();
     let actor = principal.actor();
     let entry = AuditEntry {

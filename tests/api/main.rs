@@ -8,3 +8,4 @@ mod openapi;
 mod processes;
 mod sessions;
 mod support;
+mod turns;

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use hotplex::api;
-use hotplex::app::{App, AppState, AuthMode, Shutdown};
+use hotplex::app::{AppState, AuthMode, Shutdown};
 use hotplex::auth::{display_prefix, generate_key, hash_key};
 use hotplex::config::Settings;
 use hotplex::domain::{Role, TenantName};
@@ -211,16 +211,12 @@ impl TestApp {
         let settings = Arc::new(settings);
         let db = TestDb::new().await;
         let admin_key = create_key(&db.pool, "default", Role::Admin).await;
-        let state = AppState::new(App {
-            pool: db.pool.clone(),
-            settings: settings.clone(),
-            auth,
-        });
+        let shutdown = Shutdown::new();
+        let state = AppState::start(db.pool.clone(), settings.clone(), auth, &shutdown);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding");
         let addr = listener.local_addr().expect("local addr");
-        let shutdown = Shutdown::new();
         let token = shutdown.token.clone();
         let router = api::router(state);
         shutdown.tracker.spawn(async move {

@@ -1,0 +1,341 @@
+//! Turns: post a prompt (202, durable, idempotent with `Idempotency-Key`, optionally wait
+//! for the outcome), read turns, interrupt the running one.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+
+use super::docs::{AuthErrors, InputErrors, NotFoundError, ParamErrors};
+use super::error::ApiError;
+use super::extract::{AppJson, AppPath, AppQuery};
+use super::sessions::SessionPath;
+use super::tags::TURNS;
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::domain::{SessionId, TurnId};
+use crate::events::Usage;
+use crate::store::queue::{self, TurnJob};
+use crate::store::turns::{self, Enqueued, NewTurn, TurnRow};
+use crate::store::{self, sessions};
+
+/// Largest prompt accepted, in characters.
+const MAX_PROMPT_CHARS: usize = 200_000;
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// A prompt for the session's agent.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTurnRequest {
+    /// The text sent to the agent as the user's message.
+    pub prompt: String,
+}
+
+/// A turn's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Interrupted,
+}
+
+/// A turn as the API shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnResponse {
+    pub id: TurnId,
+    pub session_id: SessionId,
+    /// Position in the session: turns run one at a time in this order.
+    pub seq: i64,
+    pub status: TurnStatus,
+    pub prompt: String,
+    /// The agent's final text, once completed.
+    pub result: Option<String>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+    /// Tokens, cost and duration, once finished.
+    pub usage: Option<Usage>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+fn status_of(row: &TurnRow) -> Result<TurnStatus, ApiError> {
+    Ok(match row.status.as_str() {
+        "queued" => TurnStatus::Queued,
+        "running" => TurnStatus::Running,
+        "completed" => TurnStatus::Completed,
+        "failed" => TurnStatus::Failed,
+        "interrupted" => TurnStatus::Interrupted,
+        other => return Err(ApiError::internal(format!("turn status {other:?}"))),
+    })
+}
+
+async fn respond(state: &AppState, row: TurnRow) -> Result<TurnResponse, ApiError> {
+    let usage = if row.is_terminal() {
+        turns::usage(&state.pool, row.turn_id).await?
+    } else {
+        None
+    };
+    Ok(TurnResponse {
+        status: status_of(&row)?,
+        id: row.turn_id,
+        session_id: row.session_id,
+        seq: row.seq,
+        prompt: row.prompt,
+        result: row.result,
+        error: row.error,
+        usage,
+        created_at: row.created_at,
+        started_at: row.started_at,
+        completed_at: row.completed_at,
+    })
+}
+
+/// Options of a prompt post.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CreateTurnQuery {
+    /// Wait until the turn ends and return it with its result (200); on timeout the
+    /// turn as it stands (202).
+    #[serde(default)]
+    pub wait: bool,
+    /// Seconds to wait with `wait=true` (default 60, at most 600).
+    pub timeout: Option<u64>,
+}
+
+/// Sends a prompt. The turn is durable once this returns; turns of a session run one at a
+/// time in the order they were accepted. A retry with the same `Idempotency-Key` returns the
+/// same turn.
+#[utoipa::path(post, path = "/sessions/{session_id}/turns", tag = TURNS, params(SessionPath, CreateTurnQuery,
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key returns the same turn")),
+    request_body = CreateTurnRequest,
+    responses(
+        (status = 202, description = "Accepted (queued), or still running after `timeout`", body = TurnResponse),
+        (status = 200, description = "Finished (`wait=true`)", body = TurnResponse),
+        (status = 409, description = "The Idempotency-Key was used for a different request", body = super::error::ErrorBody),
+        NotFoundError, InputErrors, AuthErrors),
+    security(("bearerAuth" = []), ("apiKey" = [])))]
+pub async fn create_turn(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppPath(path): AppPath<SessionPath>,
+    AppQuery(query): AppQuery<CreateTurnQuery>,
+    headers: HeaderMap,
+    AppJson(req): AppJson<CreateTurnRequest>,
+) -> Result<Response, ApiError> {
+    if req.prompt.trim().is_empty() {
+        return Err(ApiError::unprocessable("prompt: must not be empty"));
+    }
+    if req.prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::unprocessable(format!(
+            "prompt: must be at most {MAX_PROMPT_CHARS} characters"
+        )));
+    }
+    if req.prompt.contains('\0') {
+        return Err(ApiError::unprocessable(
+            "prompt: must not contain NUL characters",
+        ));
+    }
+    let key = match headers.get("idempotency-key") {
+        Some(v) => {
+            let k = v.to_str().map_err(|_| {
+                ApiError::bad_request("invalid_header", "Idempotency-Key must be text")
+            })?;
+            if k.is_empty() || k.len() > 255 {
+                return Err(ApiError::bad_request(
+                    "invalid_header",
+                    "Idempotency-Key must be 1-255 characters",
+                ));
+            }
+            Some(k.to_owned())
+        }
+        None => None,
+    };
+    let wait = query
+        .timeout
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(60))
+        .min(MAX_WAIT);
+    let hash: [u8; 32] = Sha256::digest(req.prompt.as_bytes()).into();
+
+    let mut tx = state.pool.begin().await.map_err(store::Error::from)?;
+    let new = NewTurn {
+        tenant_id: principal.tenant_id,
+        session_id: path.session_id,
+        prompt: &req.prompt,
+        idempotency_key: key.as_deref(),
+        request_hash: &hash,
+    };
+    let row = match turns::enqueue(&mut tx, &new).await? {
+        Enqueued::NoSession => return Err(ApiError::not_found("session not found")),
+        Enqueued::KeyReused => {
+            return Err(ApiError::conflict(
+                "idempotency_key_reused",
+                "this Idempotency-Key was already used for a different prompt",
+            ));
+        }
+        Enqueued::Replayed(row) => row,
+        Enqueued::New { turn, owner } => {
+            queue::push_turn(
+                &mut tx,
+                owner,
+                TurnJob {
+                    session_id: turn.session_id,
+                    turn_id: turn.turn_id,
+                },
+            )
+            .await?;
+            turn
+        }
+    };
+    tx.commit().await.map_err(store::Error::from)?;
+    tracing::info!(session.id = %path.session_id, turn.id = %row.turn_id, turn.seq = row.seq, "turn accepted");
+
+    if !query.wait {
+        let response = respond(&state, row).await?;
+        return Ok((StatusCode::ACCEPTED, AppJson(response)).into_response());
+    }
+    let row = wait_for_end(&state, row, wait).await?;
+    let status = if row.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, AppJson(respond(&state, row).await?)).into_response())
+}
+
+/// Waits for a turn to end, woken by the session's events; gives up at `limit`.
+async fn wait_for_end(
+    state: &AppState,
+    mut row: TurnRow,
+    limit: Duration,
+) -> Result<TurnRow, ApiError> {
+    let mut sub = state.hub.subscribe(row.session_id);
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(fresh) = turns::get(&state.pool, row.tenant_id, row.turn_id).await? {
+            row = fresh;
+        }
+        if row.is_terminal() {
+            return Ok(row);
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => return Ok(row),
+            () = state.shutdown.cancelled() => return Ok(row),
+            // A slow poll as well, in case a notification is lost.
+            _ = tokio::time::timeout(Duration::from_secs(2), sub.changed()) => {}
+        }
+    }
+}
+
+/// One turn of the caller's tenant.
+#[utoipa::path(get, path = "/turns/{turn_id}", tag = TURNS, params(("turn_id" = TurnId, Path, description = "The turn id")),
+    responses((status = 200, description = "The turn", body = TurnResponse), NotFoundError, ParamErrors, AuthErrors),
+    security(("bearerAuth" = []), ("apiKey" = [])))]
+pub async fn get_turn(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppPath(turn_id): AppPath<TurnId>,
+) -> Result<AppJson<TurnResponse>, ApiError> {
+    let row = turns::get(&state.pool, principal.tenant_id, turn_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("turn not found"))?;
+    Ok(AppJson(respond(&state, row).await?))
+}
+
+/// Paging of a session's turns.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListTurnsQuery {
+    /// Only turns with a higher `seq` (default 0).
+    pub after: Option<i64>,
+    /// Page size, 1-200 (default 50).
+    pub limit: Option<i64>,
+}
+
+/// A page of turns, oldest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnPage {
+    pub turns: Vec<TurnResponse>,
+    /// Pass as `after` for the next page; `null` on the last page.
+    pub next_after: Option<i64>,
+}
+
+/// The session's turns, in order.
+#[utoipa::path(get, path = "/sessions/{session_id}/turns", tag = TURNS, params(SessionPath, ListTurnsQuery),
+    responses((status = 200, description = "Turns", body = TurnPage), NotFoundError, ParamErrors, AuthErrors),
+    security(("bearerAuth" = []), ("apiKey" = [])))]
+pub async fn list_turns(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppPath(path): AppPath<SessionPath>,
+    AppQuery(query): AppQuery<ListTurnsQuery>,
+) -> Result<AppJson<TurnPage>, ApiError> {
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`limit` must be between 1 and 200",
+        ));
+    }
+    sessions::get(&state.pool, principal.tenant_id, path.session_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("session not found"))?;
+    let mut rows = turns::list(
+        &state.pool,
+        path.session_id,
+        query.after.unwrap_or(0),
+        limit + 1,
+    )
+    .await?;
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit as usize);
+    let next_after = if more {
+        rows.last().map(|r| r.seq)
+    } else {
+        None
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(respond(&state, row).await?);
+    }
+    Ok(AppJson(TurnPage {
+        turns: out,
+        next_after,
+    }))
+}
+
+/// What an interrupt request did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InterruptResponse {
+    /// The running turn that will end `interrupted`; `null` when none was running.
+    pub turn_id: Option<TurnId>,
+}
+
+/// Interrupts the running turn. The agent process stays warm; queued turns go on.
+#[utoipa::path(post, path = "/sessions/{session_id}/interrupt", tag = TURNS, params(SessionPath),
+    responses((status = 202, description = "Requested", body = InterruptResponse), NotFoundError, ParamErrors, AuthErrors),
+    security(("bearerAuth" = []), ("apiKey" = [])))]
+pub async fn interrupt_session(
+    State(state): State<AppState>,
+    principal: Principal,
+    AppPath(path): AppPath<SessionPath>,
+) -> Result<(StatusCode, AppJson<InterruptResponse>), ApiError> {
+    let mut tx = state.pool.begin().await.map_err(store::Error::from)?;
+    sessions::get(&mut *tx, principal.tenant_id, path.session_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("session not found"))?;
+    let turn_id = turns::request_interrupt(&mut tx, principal.tenant_id, path.session_id).await?;
+    tx.commit().await.map_err(store::Error::from)?;
+    Ok((StatusCode::ACCEPTED, AppJson(InterruptResponse { turn_id })))
+}
