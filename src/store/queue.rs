@@ -35,8 +35,18 @@ pub async fn push_turn(
         .map(worker_queue)
         .unwrap_or_else(|| SHARED_QUEUE.to_owned());
     let args = serde_json::to_vec(&job).map_err(|e| Error::Corrupt(e.to_string()))?;
-    // Agent turns are not idempotent: apalis never retries one by itself.
-    let task = TaskBuilder::new(args).max_attempts(1).build();
+    // The insert trigger only wakes workers when `run_at <= now()` of this transaction;
+    // apalis's default `run_at` is the client clock, so take the database's.
+    let now: i64 = sqlx::query_scalar("select floor(extract(epoch from now()))::bigint")
+        .fetch_one(&mut *conn)
+        .await?;
+    // Agent turns are not idempotent: apalis never retries one by itself (the worker also
+    // claims the turn row, since apalis re-enqueues orphans whatever `max_attempts` says).
+    let task = TaskBuilder::new(args)
+        .max_attempts(1)
+        .idempotency_key(job.turn_id.to_string())
+        .run_at_timestamp(now.max(0) as u64)
+        .build();
     apalis_postgres::queries::push_tasks(conn, &queue, vec![task])
         .await
         .map_err(|e| Error::Queue(e.to_string()))
