@@ -30,3 +30,4 @@ pub mod mock_llm;
 pub mod provider;
 pub mod store;
 pub mod telemetry;
+pub mod worker;

@@ -9,3 +9,4 @@ mod processes;
 mod sessions;
 mod support;
 mod turns;
+mod worker;
