@@ -123,7 +123,7 @@ async fn up(settings: Settings) -> anyhow::Result<ExitCode> {
             let secret = create_key(&db, tenant, "bootstrap", Role::Admin).await?;
             println!("created an admin API key (shown only this once): {secret}");
         }
-        run_http(&db, &settings, AuthMode::Keys).await
+        run_http(&db, &settings, AuthMode::Keys, true).await
     }
     .await;
     db.close().await;
@@ -153,7 +153,7 @@ async fn serve(settings: Settings, insecure_no_auth: bool) -> anyhow::Result<Exi
             }
             AuthMode::Keys
         };
-        run_http(&db, &settings, auth).await
+        run_http(&db, &settings, auth, false).await
     }
     .await;
     db.close().await;
@@ -202,7 +202,12 @@ async fn create_key(
 }
 
 /// Binds, announces the address on stdout, serves until a signal, drains, returns.
-async fn run_http(db: &Database, settings: &Settings, auth: AuthMode) -> anyhow::Result<()> {
+async fn run_http(
+    db: &Database,
+    settings: &Settings,
+    auth: AuthMode,
+    with_worker: bool,
+) -> anyhow::Result<()> {
     let listener = TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("binding {}", settings.listen))?;
@@ -213,12 +218,11 @@ async fn run_http(db: &Database, settings: &Settings, auth: AuthMode) -> anyhow:
         .tracker
         .spawn(watch_signals(shutdown.token.clone(), forced.clone()));
 
-    let state = AppState::start(
-        db.pool.clone(),
-        std::sync::Arc::new(settings.clone()),
-        auth,
-        &shutdown,
-    );
+    let settings_arc = std::sync::Arc::new(settings.clone());
+    if with_worker {
+        crate::worker::Worker::start(db.pool.clone(), settings_arc.clone(), &shutdown).await?;
+    }
+    let state = AppState::start(db.pool.clone(), settings_arc, auth, &shutdown);
     let router = api::router(state);
     announce(addr);
     tracing::info!(%addr, "hotplex API listening");

@@ -253,6 +253,14 @@ impl Settings {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("work"))
     }
+
+    /// `HOME` of the agent processes of a provider.
+    pub fn agent_home(&self, provider: &ProviderSettings) -> PathBuf {
+        provider
+            .home
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("agent-home"))
+    }
 }
 
 /// Values given on the command line; they win over every other source.

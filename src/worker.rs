@@ -1,5 +1,243 @@
-//! The worker: claims sessions through leases, keeps their agent processes warm, runs their
-//! turns one at a time and writes every event to Postgres. (Being built: the pieces below
-//! are in place; the session actor and the queue consumers come next.)
+//! The worker: registers itself, claims sessions through leases, keeps their agent processes
+//! warm (one actor per session, see [`session`]), and consumes turn jobs from its own queue
+//! and the shared one (apalis-postgres; see `docs/apalis.md` for the settings and why).
 
+pub mod session;
 pub mod writer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_postgres::{Config, PostgresStorage, Pubsub};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::Shutdown;
+use crate::config::Settings;
+use crate::domain::{SessionId, WorkerId};
+use crate::events::CONTROL_CHANNEL;
+use crate::store::queue::{self, SHARED_QUEUE, TurnJob};
+use crate::store::{self, leases};
+use session::{Actor, Command};
+
+/// Rows an apalis worker claims per fetch; in-flight jobs stay below 4× this (see docs).
+const BATCH: usize = 64;
+
+/// A running worker.
+pub struct Worker {
+    pub id: WorkerId,
+    pool: PgPool,
+    settings: Arc<Settings>,
+    actors: Mutex<HashMap<SessionId, mpsc::Sender<Command>>>,
+    tracker: TaskTracker,
+    token: CancellationToken,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("id", &self.id).finish()
+    }
+}
+
+impl Worker {
+    /// Registers the worker and starts its tasks under `shutdown`.
+    pub async fn start(
+        pool: PgPool,
+        settings: Arc<Settings>,
+        shutdown: &Shutdown,
+    ) -> store::Result<Arc<Self>> {
+        let id = WorkerId::new_random();
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".into());
+        store::workers::register(
+            &pool,
+            id,
+            &host,
+            std::process::id(),
+            settings.worker.capacity,
+        )
+        .await?;
+        let worker = Arc::new(Self {
+            id,
+            pool: pool.clone(),
+            settings,
+            actors: Mutex::new(HashMap::new()),
+            tracker: shutdown.tracker.clone(),
+            token: shutdown.token.child_token(),
+        });
+        shutdown.tracker.spawn(worker.clone().heartbeat());
+        shutdown.tracker.spawn(crate::events::listener::run(
+            pool.clone(),
+            vec![CONTROL_CHANNEL],
+            Control(worker.clone()),
+            worker.token.clone(),
+        ));
+        for (queue, name) in [
+            (queue::worker_queue(id), format!("{id}-own")),
+            (SHARED_QUEUE.to_owned(), format!("{id}-shared")),
+        ] {
+            let config = Config::default()
+                .queue(queue.as_str())
+                .batch_size(BATCH)
+                .lock_tasks(false);
+            // LISTEN wake-ups plus a 1 s poll: pubsub alone can miss wake-ups in bursts.
+            let backend = PostgresStorage::<TurnJob>::new(&pool)
+                .with_config(config)
+                .poll_with_strategy(
+                    Strategy::new()
+                        .stream(Pubsub::new(pool.clone(), queue.clone()))
+                        .interval(Duration::from_secs(1)),
+                );
+            let apalis_worker = WorkerBuilder::new(name.as_str())
+                .backend(backend)
+                .concurrency(4 * BATCH)
+                .data(worker.clone())
+                .build(handle_job);
+            let token = worker.token.clone();
+            shutdown.tracker.spawn(async move {
+                let stop = async move {
+                    token.cancelled().await;
+                    Ok::<(), WorkerError>(())
+                };
+                if let Err(e) = apalis_worker.run_until(stop).await {
+                    tracing::error!(error = %e, "job consumer stopped");
+                }
+            });
+        }
+        tracing::info!(worker.id = %id, "worker started");
+        Ok(worker)
+    }
+
+    async fn heartbeat(self: Arc<Self>) {
+        let period = self.settings.worker.lease_ttl / 3;
+        loop {
+            tokio::select! {
+                () = self.token.cancelled() => break,
+                () = tokio::time::sleep(period) => {}
+            }
+            let _ = store::workers::heartbeat(&self.pool, self.id).await;
+            let _ = leases::renew_all(&self.pool, self.id, self.settings.worker.lease_ttl).await;
+        }
+        // Marked stopped, the worker's leases are free to claim at once; its actors stop their
+        // processes on the same cancellation.
+        let _ = store::workers::stopped(&self.pool, self.id).await;
+    }
+
+    /// Runs a job: claims the session (or forwards the job to its owner) and waits until the
+    /// turn has ended, so the job stays "running" in the queue for as long as the turn does.
+    async fn dispatch(self: &Arc<Self>, job: TurnJob) -> Result<(), String> {
+        let sender = self.actor_for(job.session_id).await?;
+        let Some(sender) = sender else {
+            // Another live worker owns the session: hand it the job.
+            let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
+            let owner = leases::owner(&mut *tx, job.session_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            queue::push_turn(&mut tx, owner, job)
+                .await
+                .map_err(|e| e.to_string())?;
+            tx.commit().await.map_err(|e| e.to_string())?;
+            return Ok(());
+        };
+        let (done, wait) = oneshot::channel();
+        if sender
+            .send(Command::Work {
+                turn_id: job.turn_id,
+                done,
+            })
+            .await
+            .is_err()
+        {
+            return Err("the session actor stopped".into());
+        }
+        let _ = wait.await;
+        Ok(())
+    }
+
+    /// The actor of a session, started (with a fresh lease) if needed; `None` when another
+    /// worker holds the session.
+    async fn actor_for(
+        self: &Arc<Self>,
+        session: SessionId,
+    ) -> Result<Option<mpsc::Sender<Command>>, String> {
+        if let Some(tx) = self
+            .actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&session)
+            .filter(|tx| !tx.is_closed())
+        {
+            return Ok(Some(tx.clone()));
+        }
+        let Some(fence) =
+            leases::claim(&self.pool, session, self.id, self.settings.worker.lease_ttl)
+                .await
+                .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(tx) = actors.get(&session).filter(|tx| !tx.is_closed()) {
+            return Ok(Some(tx.clone()));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let actor = Actor::new(
+            session,
+            fence,
+            self.pool.clone(),
+            self.settings.clone(),
+            self.tracker.clone(),
+            self.token.clone(),
+            rx,
+        );
+        self.tracker.spawn(actor.run());
+        actors.insert(session, tx.clone());
+        Ok(Some(tx))
+    }
+
+    fn control(&self, session: SessionId, action: &str) {
+        let tx = self
+            .actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&session)
+            .cloned();
+        let Some(tx) = tx else { return };
+        let cmd = match action {
+            "interrupt" => Command::Interrupt,
+            "delete" => Command::Delete,
+            _ => return,
+        };
+        let _ = tx.try_send(cmd);
+    }
+}
+
+async fn handle_job(job: TurnJob, worker: Data<Arc<Worker>>) -> Result<(), BoxDynError> {
+    // Never retried by apalis: a failure here is recorded on the turn by the actor.
+    worker
+        .dispatch(job)
+        .await
+        .map_err(|e| AbortError::new(e).into())
+}
+
+struct Control(Arc<Worker>);
+
+impl crate::events::listener::Handler for Control {
+    fn notify(&self, channel: &str, payload: &str) {
+        if channel != CONTROL_CHANNEL {
+            return;
+        }
+        if let Some((session, action)) = payload.split_once(':')
+            && let Ok(session) = session.parse()
+        {
+            self.0.control(session, action);
+        }
+    }
+
+    fn resync(&self) {}
+}

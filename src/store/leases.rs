@@ -139,3 +139,15 @@ pub async fn process(db: impl PgExecutor<'_>, session: SessionId) -> Result<Opti
     .await?;
     Ok(row)
 }
+
+/// The live owner of a session, if any.
+pub async fn owner(db: impl PgExecutor<'_>, session: SessionId) -> Result<Option<WorkerId>> {
+    let w = sqlx::query_scalar(
+        "select l.worker_id from session_leases l join workers w using (worker_id)
+          where l.session_id = $1 and l.expires_at > now() and w.stopped_at is null",
+    )
+    .bind(session)
+    .fetch_optional(db)
+    .await?;
+    Ok(w)
+}

@@ -204,3 +204,37 @@ pub async fn delete(db: impl PgExecutor<'_>, tenant: TenantId, id: SessionId) ->
     .rows_affected();
     Ok(n > 0)
 }
+
+/// The id the agent CLI knows the session's conversation by, if one was started.
+pub async fn cli_session_id(db: impl PgExecutor<'_>, id: SessionId) -> Result<Option<uuid::Uuid>> {
+    let v: Option<Option<uuid::Uuid>> =
+        sqlx::query_scalar("select cli_session_id from sessions where session_id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(v.flatten())
+}
+
+pub async fn set_cli_session_id(
+    db: impl PgExecutor<'_>,
+    id: SessionId,
+    cli: uuid::Uuid,
+) -> Result<()> {
+    sqlx::query("update sessions set cli_session_id = $2 where session_id = $1")
+        .bind(id)
+        .bind(cli)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// A session by id, whatever its tenant (for workers, which act for every tenant).
+pub async fn get_any(db: impl PgExecutor<'_>, id: SessionId) -> Result<Option<SessionRow>> {
+    let row = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "select {COLUMNS} from sessions where session_id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(db)
+    .await?;
+    Ok(row)
+}

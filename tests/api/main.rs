@@ -6,6 +6,7 @@ mod errors;
 mod health;
 mod openapi;
 mod processes;
+mod runtime;
 mod sessions;
 mod support;
 mod turns;

@@ -195,13 +195,41 @@ pub struct TestApp {
     pub db: TestDb,
     pub admin_key: String,
     pub settings: Arc<Settings>,
-    shutdown: Shutdown,
+    pub shutdown: Shutdown,
     _dir: tempfile::TempDir,
 }
 
 impl TestApp {
     pub async fn spawn() -> Self {
         Self::spawn_with(|_| {}, AuthMode::Keys).await
+    }
+
+    /// The app plus a worker in the same process, running the fake agent.
+    pub async fn spawn_with_worker(configure: impl FnOnce(&mut Settings)) -> Self {
+        let app = Self::spawn_with(
+            |s| {
+                let script = s.data_dir.join("fake-claude");
+                let text = format!(
+                    "#!/bin/sh\nexec '{}' fake-agent \"$@\"\n",
+                    hotplex_bin().display()
+                );
+                std::fs::create_dir_all(&s.data_dir).expect("data dir");
+                std::fs::write(&script, text).expect("script");
+                std::fs::set_permissions(
+                    &script,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o755),
+                )
+                .expect("chmod");
+                s.providers.claude_code.binary = script;
+                configure(s);
+            },
+            AuthMode::Keys,
+        )
+        .await;
+        hotplex::worker::Worker::start(app.db.pool.clone(), app.settings.clone(), &app.shutdown)
+            .await
+            .expect("worker");
+        app
     }
 
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings), auth: AuthMode) -> Self {

@@ -1,0 +1,398 @@
+//! One session's actor on a worker: owns the warm agent process, runs the session's turns
+//! strictly one at a time in seq order, and answers interrupt and delete requests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::writer::{DEFAULT_WINDOW, EventWriter};
+use crate::config::Settings;
+use crate::domain::{Provider, SessionId, SessionStatus, WorkerId};
+use crate::events::{EventBody, NewEvent};
+use crate::provider::claude_code::{ClaudeProcess, transcript};
+use crate::provider::{AgentEvent, SpawnSpec, TurnOutcome};
+use crate::store::events::Fence;
+use crate::store::turns::{Outcome, TurnRow};
+use crate::store::{self, leases, sessions, turns};
+
+/// A request to the actor.
+#[derive(Debug)]
+pub enum Command {
+    /// Run the session's pending turns; answer once `turn_id` has ended.
+    Work {
+        turn_id: crate::domain::TurnId,
+        done: oneshot::Sender<()>,
+    },
+    Interrupt,
+    Delete,
+}
+
+pub struct Actor {
+    pub session: SessionId,
+    pub fence: Fence,
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+    pub tracker: TaskTracker,
+    pub token: CancellationToken,
+    pub rx: mpsc::Receiver<Command>,
+    process: Option<ClaudeProcess>,
+    waiters: Vec<(crate::domain::TurnId, oneshot::Sender<()>)>,
+    deleted: bool,
+}
+
+impl Actor {
+    pub fn new(
+        session: SessionId,
+        fence: Fence,
+        pool: PgPool,
+        settings: Arc<Settings>,
+        tracker: TaskTracker,
+        token: CancellationToken,
+        rx: mpsc::Receiver<Command>,
+    ) -> Self {
+        Self {
+            session,
+            fence,
+            pool,
+            settings,
+            tracker,
+            token,
+            rx,
+            process: None,
+            waiters: Vec::new(),
+            deleted: false,
+        }
+    }
+
+    fn worker(&self) -> WorkerId {
+        self.fence.worker_id
+    }
+
+    /// Runs until the session is deleted, idle for `idle_timeout`, the lease is lost, or the
+    /// worker stops. Always stops its process and gives up the lease.
+    pub async fn run(mut self) {
+        loop {
+            if self.deleted || self.token.is_cancelled() {
+                break;
+            }
+            match turns::next_unfinished(&self.pool, self.session).await {
+                Ok(Some(turn)) => {
+                    if let Err(e) = self.run_turn(turn).await {
+                        tracing::warn!(session.id = %self.session, error = %e, "stopping the session actor");
+                        break;
+                    }
+                    continue;
+                }
+                Ok(None) => {
+                    for (_, done) in self.waiters.drain(..) {
+                        let _ = done.send(());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(session.id = %self.session, error = %e, "reading pending turns failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+            tokio::select! {
+                () = self.token.cancelled() => break,
+                cmd = self.rx.recv() => match cmd {
+                    Some(Command::Work { turn_id, done }) => self.waiters.push((turn_id, done)),
+                    Some(Command::Delete) | None => self.deleted = true,
+                    Some(Command::Interrupt) => {}
+                },
+                () = tokio::time::sleep(self.settings.worker.idle_timeout) => {
+                    tracing::info!(session.id = %self.session, "idle: stopping the agent process");
+                    break;
+                }
+            }
+        }
+        self.stop_process().await;
+        let _ = leases::release(&self.pool, self.session, self.fence).await;
+        for (_, done) in self.waiters.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
+    async fn stop_process(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.stop(self.settings.worker.stop_grace).await;
+            let _ = leases::set_process(&self.pool, self.session, self.fence, None).await;
+        }
+    }
+
+    /// Starts the agent (resuming its conversation when the transcript exists).
+    async fn ensure_process(&mut self, writer: &mut EventWriter) -> Result<bool, String> {
+        if self.process.is_some() {
+            return Ok(false);
+        }
+        let row = sessions::get_any(&self.pool, self.session)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the session is gone")?;
+        if row.provider().map_err(|e| e.to_string())? != Provider::ClaudeCode {
+            return Err("the OpenCode provider is not available on this worker yet".into());
+        }
+        let provider = &self.settings.providers.claude_code;
+        let home = self.settings.agent_home(provider);
+        let cwd = match &row.work_dir {
+            Some(dir) if PathBuf::from(dir).is_absolute() => PathBuf::from(dir),
+            Some(dir) => self.settings.work_root().join(dir),
+            None => self.settings.work_root().join(self.session.to_string()),
+        };
+        for dir in [&home, &cwd] {
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        }
+        let known = sessions::cli_session_id(&self.pool, self.session)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (cli_id, resume) = match known {
+            Some(id) if transcript::find_transcript(&home, id).is_some() => (id, true),
+            Some(_) => {
+                writer.push(EventBody::ContextLost {
+                    reason: "the agent's transcript was not found on this worker; starting a new conversation".into(),
+                });
+                (Uuid::new_v4(), false)
+            }
+            None => (Uuid::new_v4(), false),
+        };
+        if !resume {
+            sessions::set_cli_session_id(&self.pool, self.session, cli_id)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        // The child gets an allow-list, never our own environment (database URL, keys).
+        let mut env = BTreeMap::new();
+        if let Some(path) = std::env::var_os("PATH") {
+            env.insert("PATH".to_owned(), path.to_string_lossy().into_owned());
+        }
+        env.insert("HOME".to_owned(), home.display().to_string());
+        env.insert("LANG".to_owned(), "C.UTF-8".to_owned());
+        env.insert("TERM".to_owned(), "dumb".to_owned());
+        env.extend(provider.env.clone());
+        let options = &row.options.0;
+        let spec = SpawnSpec {
+            binary: provider.binary.clone(),
+            extra_args: provider.args.clone(),
+            env,
+            cwd,
+            cli_session_id: cli_id,
+            resume,
+            model: row.model.clone(),
+            system_prompt: options.system_prompt.clone(),
+            permission_mode: serde_json::to_value(options.permission_mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            allowed_tools: options.allowed_tools.clone(),
+            disallowed_tools: options.disallowed_tools.clone(),
+        };
+        let process = ClaudeProcess::spawn(&spec, &self.tracker)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ =
+            leases::set_process(&self.pool, self.session, self.fence, Some(process.pid())).await;
+        tracing::info!(session.id = %self.session, process.pid = process.pid(), resume, "agent process ready");
+        self.process = Some(process);
+        Ok(resume)
+    }
+
+    /// Runs one turn to its end. An error means the actor must stop (lease lost).
+    async fn run_turn(&mut self, turn: TurnRow) -> Result<(), store::Error> {
+        let mut writer = EventWriter::new(
+            self.pool.clone(),
+            self.session,
+            self.fence,
+            turn.turn_id,
+            DEFAULT_WINDOW,
+        );
+        {
+            let mut tx = self.pool.begin().await?;
+            turns::mark_running(&mut tx, turn.turn_id, self.fence).await?;
+            tx.commit().await?;
+        }
+        let resumed = match self.ensure_process(&mut writer).await {
+            Ok(resumed) => resumed,
+            Err(error) => {
+                return self
+                    .finish(&mut writer, &turn, Outcome::Failed { error, usage: None })
+                    .await;
+            }
+        };
+        let pid = self.process.as_ref().map(|p| p.pid());
+        writer.push(EventBody::TurnStarted {
+            worker_id: self.worker(),
+            pid,
+            resumed,
+        });
+        writer.flush().await?;
+        let sent = match &self.process {
+            Some(p) => p.send_prompt(&turn.prompt).await,
+            None => Err(crate::provider::Error::Gone),
+        };
+        if let Err(e) = sent {
+            self.stop_process().await;
+            return self
+                .finish(
+                    &mut writer,
+                    &turn,
+                    Outcome::Failed {
+                        error: e.to_string(),
+                        usage: None,
+                    },
+                )
+                .await;
+        }
+
+        let w = &self.settings.worker;
+        let turn_deadline = tokio::time::Instant::now() + w.turn_timeout;
+        let mut stall_deadline = tokio::time::Instant::now() + w.stall_timeout;
+        let mut interrupting: Option<(&'static str, tokio::time::Instant)> = None;
+        loop {
+            let due = writer.due_at();
+            let kill_at = interrupting.map(|(_, t)| t);
+            let Some(process) = self.process.as_mut() else {
+                break Ok(());
+            };
+            tokio::select! {
+                ev = process.next_event() => {
+                    stall_deadline = tokio::time::Instant::now() + w.stall_timeout;
+                    match ev {
+                        Some(AgentEvent::TurnEnded(end)) => {
+                            let usage = Some(end.usage.clone());
+                            let outcome = match (end.outcome, interrupting) {
+                                (_, Some((why, _))) if why != "interrupt" => Outcome::Failed { error: why.into(), usage },
+                                (TurnOutcome::Completed { result }, _) => Outcome::Completed { result, usage: end.usage },
+                                (TurnOutcome::Failed { error }, _) => Outcome::Failed { error, usage },
+                                (TurnOutcome::Interrupted, _) => Outcome::Interrupted { usage },
+                            };
+                            return self.finish(&mut writer, &turn, outcome).await;
+                        }
+                        Some(other) => {
+                            if let Some(body) = to_body(other) && writer.push(body) {
+                                writer.flush().await?;
+                            }
+                        }
+                        None => {
+                            let error = match self.process.as_mut() { Some(p) => p.exit_summary().await, None => "agent gone".into() };
+                            self.stop_process().await;
+                            let error = interrupting.map(|(why, _)| why.to_owned()).filter(|w| w != "interrupt").unwrap_or(error);
+                            return self.finish(&mut writer, &turn, Outcome::Failed { error, usage: None }).await;
+                        }
+                    }
+                }
+                () = sleep_until_opt(due) => writer.flush().await?,
+                cmd = self.rx.recv() => match cmd {
+                    Some(Command::Work { turn_id, done }) => self.waiters.push((turn_id, done)),
+                    Some(Command::Interrupt) => {
+                        if interrupting.is_none() {
+                            let _ = process.interrupt().await;
+                            interrupting = Some(("interrupt", tokio::time::Instant::now() + Duration::from_secs(10)));
+                        }
+                    }
+                    Some(Command::Delete) | None => {
+                        self.deleted = true;
+                        self.stop_process().await;
+                        return Ok(());
+                    }
+                },
+                () = tokio::time::sleep_until(stall_deadline.min(turn_deadline)), if interrupting.is_none() => {
+                    let why = if tokio::time::Instant::now() >= turn_deadline {
+                        "the turn exceeded worker.turn_timeout"
+                    } else {
+                        "the agent produced no output for worker.stall_timeout"
+                    };
+                    tracing::warn!(session.id = %self.session, "{why}; interrupting");
+                    let _ = process.interrupt().await;
+                    interrupting = Some((why, tokio::time::Instant::now() + Duration::from_secs(10)));
+                }
+                () = sleep_until_opt(kill_at) => {
+                    let why = interrupting.map(|(w, _)| w).unwrap_or("interrupt");
+                    self.stop_process().await;
+                    let error = if why == "interrupt" { "the agent did not stop when interrupted; it was killed".to_owned() } else { format!("{why}; the agent was killed") };
+                    return self.finish(&mut writer, &turn, Outcome::Failed { error, usage: None }).await;
+                }
+            }
+        }
+    }
+
+    async fn finish(
+        &mut self,
+        writer: &mut EventWriter,
+        turn: &TurnRow,
+        outcome: Outcome,
+    ) -> Result<(), store::Error> {
+        writer.flush().await?;
+        let terminal = match &outcome {
+            Outcome::Completed { result, usage } => EventBody::TurnCompleted {
+                result: result.clone(),
+                usage: usage.clone(),
+            },
+            Outcome::Failed { error, .. } => EventBody::TurnFailed {
+                error: error.clone(),
+            },
+            Outcome::Interrupted { .. } => EventBody::TurnInterrupted {
+                partial_text: writer.text.clone(),
+            },
+        };
+        let mut tx = self.pool.begin().await?;
+        let idle = turns::finish(&mut tx, turn, &outcome).await?;
+        let mut evs = vec![NewEvent::turn(turn.turn_id, terminal)];
+        if idle {
+            evs.push(NewEvent::session(EventBody::SessionStatus {
+                status: SessionStatus::Idle,
+            }));
+        }
+        store::events::append(&mut tx, self.session, Some(self.fence), &evs).await?;
+        tx.commit().await?;
+        let id = turn.turn_id;
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|(t, _)| *t == id);
+        self.waiters = keep;
+        for (_, tx) in done {
+            let _ = tx.send(());
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn to_body(ev: AgentEvent) -> Option<EventBody> {
+    Some(match ev {
+        AgentEvent::TextDelta(text) => EventBody::TextDelta { text },
+        AgentEvent::ThinkingDelta(text) => EventBody::ThinkingDelta { text },
+        AgentEvent::ToolStarted { id, name, input } => EventBody::ToolStarted {
+            tool_use_id: id,
+            name,
+            input,
+        },
+        AgentEvent::ToolCompleted {
+            id,
+            output,
+            is_error,
+        } => EventBody::ToolCompleted {
+            tool_use_id: id,
+            output,
+            is_error,
+        },
+        AgentEvent::MessageCompleted { id, text } => EventBody::MessageCompleted {
+            message_id: id,
+            text,
+        },
+        AgentEvent::Raw(frame) => EventBody::AgentRaw { frame },
+        AgentEvent::TurnEnded(_) => return None,
+    })
+}
