@@ -409,10 +409,29 @@ fn env_provider(vars: Vec<(String, String)>) -> impl figment::Provider {
             // Reuse figment's own parsing of env values (numbers, bools, arrays).
             let mut dict = Dict::new();
             for (name, value) in &self.0 {
-                let key = name[ENV_PREFIX.len()..]
-                    .to_ascii_lowercase()
-                    .replace("__", ".");
-                let parsed: Value = value.parse().unwrap_or_else(|_| Value::from(value.clone()));
+                let parts: Vec<&str> = name[ENV_PREFIX.len()..].split("__").collect();
+                // `providers.<p>.env.<NAME>` is the child's environment: keep the variable
+                // name's case and the value as text.
+                let child_env = parts.len() == 4
+                    && parts[0].eq_ignore_ascii_case("providers")
+                    && parts[2].eq_ignore_ascii_case("env");
+                let key = parts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        if child_env && i == 3 {
+                            p.to_string()
+                        } else {
+                            p.to_ascii_lowercase()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(".");
+                let parsed: Value = if child_env {
+                    Value::from(value.clone())
+                } else {
+                    value.parse().unwrap_or_else(|_| Value::from(value.clone()))
+                };
                 let nested = figment::util::nest(&key, parsed);
                 if let Value::Dict(_, d) = nested {
                     dict = merge_dicts(dict, d);
@@ -634,6 +653,10 @@ mod tests {
         let e = env(&[
             ("HOTPLEX_PROVIDERS__CLAUDE_CODE__BINARY", "/opt/claude"),
             ("HOTPLEX_PROVIDERS__CLAUDE_CODE__ENV__FOO_BAR", "baz"),
+            (
+                "HOTPLEX_PROVIDERS__CLAUDE_CODE__ENV__DISABLE_TELEMETRY",
+                "1",
+            ),
             ("HOTPLEX_HTTP__REQUEST_TIMEOUT", "45s"),
         ]);
         let s = load_from(&ConfigFile::Default, &Overrides::default(), e)
@@ -644,9 +667,18 @@ mod tests {
             s.providers
                 .claude_code
                 .env
-                .get("foo_bar")
+                .get("FOO_BAR")
                 .map(String::as_str),
             Some("baz")
+        );
+        // The child's environment keeps names and text values as given.
+        assert_eq!(
+            s.providers
+                .claude_code
+                .env
+                .get("DISABLE_TELEMETRY")
+                .map(String::as_str),
+            Some("1")
         );
         assert_eq!(s.http.request_timeout, Duration::from_secs(45));
     }
