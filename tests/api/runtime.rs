@@ -77,3 +77,103 @@ async fn turns_run_on_a_warm_fake_agent_one_after_the_other() {
     );
     assert_eq!(kinds.last().map(String::as_str), Some("session.status"));
 }
+
+#[tokio::test]
+async fn the_real_claude_cli_stays_warm_keeps_context_and_runs_tools() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock = hotplex::mock_llm::anthropic::start(listener, Default::default())
+        .await
+        .unwrap();
+    let Some(app) = TestApp::spawn_with_real_claude(&mock.base_url()).await else {
+        return;
+    };
+    let s: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = s["id"].as_str().unwrap().to_owned();
+    let turns = format!("/v1/sessions/{sid}/turns?wait=true&timeout=120");
+    let run = |prompt: &'static str| {
+        app.post(&turns, &app.admin_key)
+            .json(&json!({"prompt": prompt}))
+            .send()
+    };
+
+    let t0 = std::time::Instant::now();
+    let first: Value = run("remember the word zebra")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let cold = t0.elapsed();
+    assert_eq!(
+        first["result"], "MOCK-ECHO: remember the word zebra",
+        "{first}"
+    );
+    assert_eq!(
+        first["usage"]["input_tokens"],
+        10 + "remember the word zebra".len()
+    );
+    let t1 = std::time::Instant::now();
+    let second: Value = run("what was the word?")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let warm = t1.elapsed();
+    assert_eq!(second["status"], "completed", "{second}");
+    assert!(warm < cold, "warm {warm:?} vs cold {cold:?}");
+    // The second request to the model carries the first turn: one conversation.
+    let requests = mock.requests();
+    let last = requests
+        .iter()
+        .rev()
+        .find(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/v1/messages"))
+        })
+        .unwrap();
+    assert!(
+        last["body"]["messages"].to_string().contains("zebra"),
+        "context lost"
+    );
+
+    let tool: Value = run("RUN_TOOL").await.unwrap().json().await.unwrap();
+    assert_eq!(tool["result"], "MOCK-TOOL-RESULT: hi", "{tool}");
+    let rows: Vec<(String, Value)> = sqlx::query_as(
+        "select type, payload from session_events where session_id = $1::uuid order by seq",
+    )
+    .bind(&sid)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    let started: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r.0 == "turn.started")
+        .map(|r| &r.1)
+        .collect();
+    assert_eq!(started.len(), 3);
+    assert!(
+        started.iter().all(|s| s["pid"] == started[0]["pid"]),
+        "one warm process: {started:?}"
+    );
+    let tool_started = rows
+        .iter()
+        .find(|r| r.0 == "tool.started")
+        .expect("tool.started");
+    assert_eq!(tool_started.1["name"], "Bash");
+    let tool_done = rows
+        .iter()
+        .find(|r| r.0 == "tool.completed")
+        .expect("tool.completed");
+    assert!(tool_done.1["output"].as_str().unwrap().contains("hi"));
+    assert!(rows.iter().any(|r| r.0 == "text.delta"));
+}

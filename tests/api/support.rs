@@ -204,6 +204,46 @@ impl TestApp {
         Self::spawn_with(|_| {}, AuthMode::Keys).await
     }
 
+    /// The app plus a worker whose agent is the real Claude Code CLI (`HOTPLEX_TEST_CLAUDE`,
+    /// installed by `.ci/run`) talking to `mock_url`. `None` when no CLI is available outside
+    /// CI; in CI (`CI` set) a missing CLI fails the test.
+    pub async fn spawn_with_real_claude(mock_url: &str) -> Option<Self> {
+        let bin = match std::env::var("HOTPLEX_TEST_CLAUDE") {
+            Ok(b) if std::path::Path::new(&b).exists() => PathBuf::from(b),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("HOTPLEX_TEST_CLAUDE must name the Claude Code CLI in CI")
+            }
+            _ => {
+                eprintln!(
+                    "skipping: set HOTPLEX_TEST_CLAUDE to the Claude Code CLI to run this test"
+                );
+                return None;
+            }
+        };
+        let mock = mock_url.to_owned();
+        let app = Self::spawn_with(
+            move |s| {
+                let c = &mut s.providers.claude_code;
+                c.binary = bin;
+                for (k, v) in [
+                    ("ANTHROPIC_BASE_URL", mock.as_str()),
+                    ("ANTHROPIC_API_KEY", "test"),
+                    ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1"),
+                    ("DISABLE_TELEMETRY", "1"),
+                    ("DISABLE_AUTOUPDATER", "1"),
+                ] {
+                    c.env.insert(k.into(), v.into());
+                }
+            },
+            AuthMode::Keys,
+        )
+        .await;
+        hotplex::worker::Worker::start(app.db.pool.clone(), app.settings.clone(), &app.shutdown)
+            .await
+            .expect("worker");
+        Some(app)
+    }
+
     /// The app plus a worker in the same process, running the fake agent.
     pub async fn spawn_with_worker(configure: impl FnOnce(&mut Settings)) -> Self {
         let app = Self::spawn_with(
