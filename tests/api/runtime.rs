@@ -177,3 +177,110 @@ async fn the_real_claude_cli_stays_warm_keeps_context_and_runs_tools() {
     assert!(tool_done.1["output"].as_str().unwrap().contains("hi"));
     assert!(rows.iter().any(|r| r.0 == "text.delta"));
 }
+
+#[tokio::test]
+async fn interrupting_the_real_cli_keeps_it_warm_and_queued_turns_go_on() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock = hotplex::mock_llm::anthropic::start(listener, Default::default())
+        .await
+        .unwrap();
+    let Some(app) = TestApp::spawn_with_real_claude(&mock.base_url()).await else {
+        return;
+    };
+    let s: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = s["id"].as_str().unwrap().to_owned();
+    let turns = format!("/v1/sessions/{sid}/turns");
+    // Two prompts at once: the slow one runs first, the second waits its turn.
+    let slow: Value = app
+        .post(&turns, &app.admin_key)
+        .json(&json!({"prompt": "[[slow:40]] tell a story"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let next: Value = app
+        .post(&turns, &app.admin_key)
+        .json(&json!({"prompt": "after"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Wait until the story streams, then interrupt it.
+    let mut streaming = false;
+    for _ in 0..200 {
+        let n: i64 = sqlx::query_scalar("select count(*) from session_events where session_id = $1::uuid and type = 'text.delta'")
+            .bind(&sid)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        if n > 0 {
+            streaming = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(streaming, "the slow turn never streamed");
+    let r: Value = app
+        .post(&format!("/v1/sessions/{sid}/interrupt"), &app.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["turn_id"], slow["id"]);
+
+    let mut done = Value::Null;
+    for _ in 0..300 {
+        done = app
+            .get(
+                &format!("/v1/turns/{}", next["id"].as_str().unwrap()),
+                &app.admin_key,
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done["status"] == "completed" || done["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(done["result"], "MOCK-ECHO: after", "{done}");
+    let interrupted: Value = app
+        .get(
+            &format!("/v1/turns/{}", slow["id"].as_str().unwrap()),
+            &app.admin_key,
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
+    let pids: Vec<Value> = sqlx::query_scalar("select payload->'pid' from session_events where session_id = $1::uuid and type = 'turn.started'")
+        .bind(&sid)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(
+        pids[0], pids[1],
+        "the process stayed warm across the interrupt"
+    );
+}
