@@ -73,6 +73,20 @@ pub struct SessionResponse {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_active_at: DateTime<Utc>,
+    /// The warm agent process, while one runs (filled by `GET /v1/sessions/{id}`; `null` in
+    /// lists and create answers).
+    pub process: Option<ProcessInfo>,
+    /// Tokens, cost and time of all finished turns (filled by `GET /v1/sessions/{id}`;
+    /// `null` in lists and create answers).
+    pub usage: Option<crate::events::Usage>,
+}
+
+/// Where a session's agent runs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProcessInfo {
+    pub worker_id: crate::domain::WorkerId,
+    pub pid: i32,
+    pub started_at: DateTime<Utc>,
 }
 
 impl TryFrom<SessionRow> for SessionResponse {
@@ -93,6 +107,8 @@ impl TryFrom<SessionRow> for SessionResponse {
             created_at: row.created_at,
             updated_at: row.updated_at,
             last_active_at: row.last_active_at,
+            process: None,
+            usage: None,
         })
     }
 }
@@ -210,7 +226,16 @@ pub async fn get_session(
     let row = sessions::get(&state.pool, principal.tenant_id, path.session_id)
         .await?
         .ok_or_else(|| ApiError::not_found("session not found"))?;
-    Ok(AppJson(row.try_into()?))
+    let mut response = SessionResponse::try_from(row)?;
+    response.process = crate::store::leases::process(&state.pool, path.session_id)
+        .await?
+        .map(|p| ProcessInfo {
+            worker_id: p.worker_id,
+            pid: p.pid,
+            started_at: p.process_started_at,
+        });
+    response.usage = Some(crate::store::turns::session_usage(&state.pool, path.session_id).await?);
+    Ok(AppJson(response))
 }
 
 /// Deletes a session. Its history and usage stay for accounting; the id answers 404 from

@@ -76,6 +76,19 @@ async fn turns_run_on_a_warm_fake_agent_one_after_the_other() {
         "{kinds:?}"
     );
     assert_eq!(kinds.last().map(String::as_str), Some("session.status"));
+    let session: Value = app
+        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["process"]["pid"], started[0]["pid"], "{session}");
+    assert_eq!(session["status"], "idle");
+    let total = first["usage"]["output_tokens"].as_i64().unwrap()
+        + second["usage"]["output_tokens"].as_i64().unwrap();
+    assert_eq!(session["usage"]["output_tokens"].as_i64().unwrap(), total);
 }
 
 #[tokio::test]

@@ -389,3 +389,12 @@ pub async fn assert_envelope(response: reqwest::Response, status: u16) -> (Strin
 pub fn hotplex_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hotplex"))
 }
+
+/// A session body without the fields only `GET /v1/sessions/{id}` fills (`process`, `usage`).
+pub fn without_live_fields(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = v.as_object_mut() {
+        o.remove("process");
+        o.remove("usage");
+    }
+    v
+}
