@@ -80,10 +80,16 @@ fn status_of(row: &TurnRow) -> Result<TurnStatus, ApiError> {
 
 async fn respond(state: &AppState, row: TurnRow) -> Result<TurnResponse, ApiError> {
     let usage = if row.is_terminal() {
-        turns::usage(&state.pool, row.turn_id).await?
+        turns::usage(&state.pool, &[row.turn_id])
+            .await?
+            .remove(&row.turn_id)
     } else {
         None
     };
+    to_response(row, usage)
+}
+
+fn to_response(row: TurnRow, usage: Option<Usage>) -> Result<TurnResponse, ApiError> {
     Ok(TurnResponse {
         status: status_of(&row)?,
         id: row.turn_id,
@@ -305,10 +311,15 @@ pub async fn list_turns(
     } else {
         None
     };
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        out.push(respond(&state, row).await?);
-    }
+    let ids: Vec<TurnId> = rows.iter().map(|r| r.turn_id).collect();
+    let mut usage = turns::usage(&state.pool, &ids).await?;
+    let out = rows
+        .into_iter()
+        .map(|row| {
+            let u = usage.remove(&row.turn_id);
+            to_response(row, u)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(AppJson(TurnPage {
         turns: out,
         next_after,

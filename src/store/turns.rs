@@ -1,6 +1,8 @@
 //! Turns: enqueue (with per-session seq, idempotency and the `turn.queued` event in one
 //! transaction), lookups, and the worker's state transitions.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
@@ -186,25 +188,34 @@ pub async fn list(
 
 /// Usage of one turn.
 /// A `turn_usage` row as selected by [`usage`].
-type UsageRow = (i64, i64, i64, i64, f64, Option<i64>, Option<String>);
+type UsageRow = (TurnId, i64, i64, i64, i64, f64, Option<i64>, Option<String>);
 
-pub async fn usage(db: impl PgExecutor<'_>, turn: TurnId) -> Result<Option<Usage>> {
-    let row: Option<UsageRow> = sqlx::query_as(
-        "select input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, duration_ms, model
-           from turn_usage where turn_id = $1",
+/// Usage of the given turns (those that have any), in one query.
+pub async fn usage(db: impl PgExecutor<'_>, turns: &[TurnId]) -> Result<HashMap<TurnId, Usage>> {
+    let ids: Vec<uuid::Uuid> = turns.iter().map(|t| t.0).collect();
+    let rows: Vec<UsageRow> = sqlx::query_as(
+        "select turn_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd,
+                duration_ms, model
+           from turn_usage where turn_id = any($1)",
     )
-    .bind(turn)
-    .fetch_optional(db)
+    .bind(&ids)
+    .fetch_all(db)
     .await?;
-    Ok(row.map(|(i, o, cr, cw, cost, d, model)| Usage {
-        input_tokens: i,
-        output_tokens: o,
-        cache_read_tokens: cr,
-        cache_write_tokens: cw,
-        cost_usd: cost,
-        duration_ms: d.unwrap_or(0),
-        model,
-    }))
+    Ok(rows
+        .into_iter()
+        .map(|(id, i, o, cr, cw, cost, d, model)| {
+            let usage = Usage {
+                input_tokens: i,
+                output_tokens: o,
+                cache_read_tokens: cr,
+                cache_write_tokens: cw,
+                cost_usd: cost,
+                duration_ms: d.unwrap_or(0),
+                model,
+            };
+            (id, usage)
+        })
+        .collect())
 }
 
 /// Totals over all finished turns of a session.
