@@ -7,16 +7,7 @@ use crate::support::TestApp;
 #[tokio::test]
 async fn turns_run_on_a_warm_fake_agent_one_after_the_other() {
     let app = TestApp::spawn_with_worker(|_| {}).await;
-    let s: Value = app
-        .post("/v1/sessions", &app.admin_key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = s["id"].as_str().unwrap().to_owned();
+    let sid = app.new_session(&app.admin_key).await;
     let turns = format!("/v1/sessions/{sid}/turns?wait=true&timeout=30");
     let first = app
         .post(&turns, &app.admin_key)
@@ -100,16 +91,7 @@ async fn the_real_claude_cli_stays_warm_keeps_context_and_runs_tools() {
     let Some(app) = TestApp::spawn_with_real_claude(&mock.base_url()).await else {
         return;
     };
-    let s: Value = app
-        .post("/v1/sessions", &app.admin_key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = s["id"].as_str().unwrap().to_owned();
+    let sid = app.new_session(&app.admin_key).await;
     let turns = format!("/v1/sessions/{sid}/turns?wait=true&timeout=120");
     let run = |prompt: &'static str| {
         app.post(&turns, &app.admin_key)
@@ -200,16 +182,7 @@ async fn interrupting_the_real_cli_keeps_it_warm_and_queued_turns_go_on() {
     let Some(app) = TestApp::spawn_with_real_claude(&mock.base_url()).await else {
         return;
     };
-    let s: Value = app
-        .post("/v1/sessions", &app.admin_key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = s["id"].as_str().unwrap().to_owned();
+    let sid = app.new_session(&app.admin_key).await;
     let turns = format!("/v1/sessions/{sid}/turns");
     // Two prompts at once: the slow one runs first, the second waits its turn.
     let slow: Value = app

@@ -319,6 +319,18 @@ impl TestApp {
         self.client.delete(self.url(path)).bearer_auth(key)
     }
 
+    /// Creates a default session with `key`; returns its id.
+    pub async fn new_session(&self, key: &str) -> String {
+        let response = self
+            .post("/v1/sessions", key)
+            .json(&serde_json::json!({}))
+            .send()
+            .await
+            .expect("request");
+        let body: serde_json::Value = response.json().await.expect("JSON body");
+        body["id"].as_str().expect("session id").to_owned()
+    }
+
     /// A user key of `tenant` (created if missing).
     pub async fn user_key(&self, tenant: &str) -> String {
         create_key(&self.db.pool, tenant, Role::User).await

@@ -8,23 +8,10 @@ use serde_json::{Value, json};
 
 use crate::support::{TestApp, assert_envelope};
 
-async fn new_session(app: &TestApp, key: &str) -> String {
-    let s: Value = app
-        .post("/v1/sessions", key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    s["id"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn turns_are_queued_in_order_with_a_durable_job() {
     let app = TestApp::spawn().await;
-    let sid = new_session(&app, &app.admin_key).await;
+    let sid = app.new_session(&app.admin_key).await;
     let path = format!("/v1/sessions/{sid}/turns");
     let first = app
         .post(&path, &app.admin_key)
@@ -96,7 +83,7 @@ async fn turns_are_queued_in_order_with_a_durable_job() {
 #[tokio::test]
 async fn idempotency_keys_make_retries_safe() {
     let app = TestApp::spawn().await;
-    let sid = new_session(&app, &app.admin_key).await;
+    let sid = app.new_session(&app.admin_key).await;
     let path = format!("/v1/sessions/{sid}/turns");
     let send = |prompt: &'static str| {
         app.post(&path, &app.admin_key)
@@ -119,7 +106,7 @@ async fn idempotency_keys_make_retries_safe() {
 #[tokio::test]
 async fn bad_prompts_and_foreign_sessions_are_refused() {
     let app = TestApp::spawn().await;
-    let sid = new_session(&app, &app.admin_key).await;
+    let sid = app.new_session(&app.admin_key).await;
     let path = format!("/v1/sessions/{sid}/turns");
     for body in [
         json!({"prompt": ""}),
@@ -208,7 +195,7 @@ async fn read_events(response: reqwest::Response, n: usize) -> Vec<(i64, String,
 #[tokio::test]
 async fn events_replay_follow_live_and_resume_after_last_event_id() {
     let app = TestApp::spawn().await;
-    let sid = new_session(&app, &app.admin_key).await;
+    let sid = app.new_session(&app.admin_key).await;
     let events_path = format!("/v1/sessions/{sid}/events");
     // Opened before any turn exists: the first turn's events arrive live.
     let live = app.get(&events_path, &app.admin_key).send().await.unwrap();
@@ -259,7 +246,7 @@ async fn events_replay_follow_live_and_resume_after_last_event_id() {
 #[tokio::test]
 async fn deleting_a_session_fails_its_pending_turns_visibly() {
     let app = TestApp::spawn().await;
-    let sid = new_session(&app, &app.admin_key).await;
+    let sid = app.new_session(&app.admin_key).await;
     let turn: Value = app
         .post(&format!("/v1/sessions/{sid}/turns"), &app.admin_key)
         .json(&json!({"prompt": "pending"}))

@@ -12,16 +12,7 @@ use crate::support::TestApp;
 
 /// A session with one queued turn, and a registered worker.
 async fn session_and_worker(app: &TestApp) -> (SessionId, WorkerId, TurnId) {
-    let s: Value = app
-        .post("/v1/sessions", &app.admin_key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let session: SessionId = s["id"].as_str().unwrap().parse().unwrap();
+    let session: SessionId = app.new_session(&app.admin_key).await.parse().unwrap();
     let t: Value = app
         .post(&format!("/v1/sessions/{session}/turns"), &app.admin_key)
         .json(&json!({"prompt": "hi"}))
