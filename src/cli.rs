@@ -24,8 +24,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Everything in one process: migrations, the API (and, later, a worker), on an
-    /// embedded PostgreSQL when no DATABASE_URL is set.
+    /// Everything in one process: migrations, the API and a worker, on an embedded
+    /// PostgreSQL when no DATABASE_URL is set.
     Up(ServeArgs),
     /// The stateless API only.
     Serve {
@@ -36,6 +36,9 @@ pub enum Command {
         #[arg(long)]
         insecure_no_auth: bool,
     },
+    /// A worker alone: claims sessions, keeps their agents warm and runs their turns.
+    /// Run any number of them against one database; SIGINT/SIGTERM stops one cleanly.
+    Worker(DataArgs),
     /// Apply database migrations and exit.
     Migrate(DataArgs),
     /// Print the OpenAPI document.
@@ -172,5 +175,11 @@ mod tests {
             Command::Config(ConfigCommand::Validate { file: Some(_) })
         ));
         assert!(Cli::try_parse_from(["hotplex", "serve", "--insecure-no-auth"]).is_ok());
+        assert!(matches!(
+            Cli::try_parse_from(["hotplex", "worker", "--data-dir", "/tmp/x"])
+                .unwrap()
+                .command,
+            Command::Worker(DataArgs { data_dir: Some(_) })
+        ));
     }
 }

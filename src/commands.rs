@@ -53,6 +53,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = load(&file, &overrides)?;
             serve(loaded.settings, insecure_no_auth).await
         }
+        Command::Worker(data) => {
+            apply_data_args(&mut overrides, &data);
+            let settings = load(&file, &overrides)?.settings;
+            worker(settings).await
+        }
         Command::Migrate(data) => {
             apply_data_args(&mut overrides, &data);
             let settings = load(&file, &overrides)?.settings;
@@ -160,6 +165,45 @@ async fn serve(settings: Settings, insecure_no_auth: bool) -> anyhow::Result<Exi
     result.map(|()| ExitCode::SUCCESS)
 }
 
+/// `worker`: a worker alone, until SIGINT/SIGTERM; then it stops as `Worker::start` says.
+async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&settings, EmbeddedMode::OwnOrAttach).await?;
+    let result = async {
+        let shutdown = Shutdown::new();
+        let forced = tokio_util::sync::CancellationToken::new();
+        shutdown
+            .tracker
+            .spawn(watch_signals(shutdown.token.clone(), forced.clone()));
+        let worker =
+            crate::worker::Worker::start(db.pool.clone(), std::sync::Arc::new(settings.clone()), &shutdown)
+                .await?;
+        {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "hotplex worker {} started", worker.id);
+            let _ = out.flush();
+        }
+        shutdown.token.cancelled().await;
+        tokio::select! {
+            () = worker.stopped() => {}
+            () = forced.cancelled() => tracing::warn!("second signal: not waiting for running turns"),
+            () = tokio::time::sleep(stop_bound(&settings)) => tracing::warn!("the worker did not stop in time"),
+        }
+        forced.cancel();
+        shutdown.tracker.close();
+        shutdown.tracker.wait().await;
+        anyhow::Ok(())
+    }
+    .await;
+    db.close().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+/// How long a stopping worker may take: interrupting a turn, then stopping its agent, each
+/// bounded by `worker.stop_grace`, plus time for the database writes.
+fn stop_bound(settings: &Settings) -> Duration {
+    2 * settings.worker.stop_grace + Duration::from_secs(5)
+}
+
 async fn ensure_bootstrap_key(db: &Database, settings: &Settings) -> anyhow::Result<()> {
     let Some(key) = &settings.bootstrap_key else {
         return Ok(());
@@ -239,7 +283,12 @@ async fn run_http(
     // Also releases the signal watcher from waiting for a second signal.
     forced.cancel();
     shutdown.tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), shutdown.tracker.wait())
+    let bound = if with_worker {
+        stop_bound(settings)
+    } else {
+        Duration::from_secs(5)
+    };
+    if tokio::time::timeout(bound, shutdown.tracker.wait())
         .await
         .is_err()
     {

@@ -21,7 +21,7 @@ use crate::config::Settings;
 use crate::domain::{SessionId, WorkerId};
 use crate::events::CONTROL_CHANNEL;
 use crate::store::queue::{self, SHARED_QUEUE, TurnJob};
-use crate::store::{self, leases};
+use crate::store::{self, leases, turns};
 use session::{Actor, Command};
 
 /// Rows an apalis worker claims per fetch; in-flight jobs stay below 4× this (see docs).
@@ -33,8 +33,11 @@ pub struct Worker {
     pool: PgPool,
     settings: Arc<Settings>,
     actors: Mutex<HashMap<SessionId, mpsc::Sender<Command>>>,
-    tracker: TaskTracker,
+    /// The worker's own tasks (consumers, actors, agent I/O), so stopping can wait for them
+    /// before handing the unfinished jobs back.
+    tasks: TaskTracker,
     token: CancellationToken,
+    stopped: CancellationToken,
 }
 
 impl std::fmt::Debug for Worker {
@@ -44,7 +47,10 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// Registers the worker and starts its tasks under `shutdown`.
+    /// Registers the worker and starts its tasks under `shutdown`. When `shutdown` is
+    /// cancelled the worker stops claiming jobs, ends running turns (interrupted, then
+    /// `failed` with the reason), stops its agents, hands its queued jobs back to the shared
+    /// queue and marks itself stopped; [`Worker::stopped`] resolves then.
     pub async fn start(
         pool: PgPool,
         settings: Arc<Settings>,
@@ -67,19 +73,22 @@ impl Worker {
             pool: pool.clone(),
             settings,
             actors: Mutex::new(HashMap::new()),
-            tracker: shutdown.tracker.clone(),
+            tasks: TaskTracker::new(),
             token: shutdown.token.child_token(),
+            stopped: CancellationToken::new(),
         });
-        shutdown.tracker.spawn(worker.clone().heartbeat());
-        shutdown.tracker.spawn(crate::events::listener::run(
+        shutdown.tracker.spawn(worker.clone().supervise());
+        worker.tasks.spawn(worker.clone().heartbeat());
+        worker.tasks.spawn(crate::events::listener::run(
             pool.clone(),
             vec![CONTROL_CHANNEL],
             Control(worker.clone()),
             worker.token.clone(),
         ));
+        let [own, shared] = queue::consumer_names(id);
         for (queue, name) in [
-            (queue::worker_queue(id), format!("{id}-own")),
-            (SHARED_QUEUE.to_owned(), format!("{id}-shared")),
+            (queue::worker_queue(id), own),
+            (SHARED_QUEUE.to_owned(), shared),
         ] {
             let config = Config::default()
                 .queue(queue.as_str())
@@ -99,7 +108,7 @@ impl Worker {
                 .data(worker.clone())
                 .build(handle_job);
             let token = worker.token.clone();
-            shutdown.tracker.spawn(async move {
+            worker.tasks.spawn(async move {
                 let stop = async move {
                     token.cancelled().await;
                     Ok::<(), WorkerError>(())
@@ -123,9 +132,29 @@ impl Worker {
             let _ = store::workers::heartbeat(&self.pool, self.id).await;
             let _ = leases::renew_all(&self.pool, self.id, self.settings.worker.lease_ttl).await;
         }
-        // Marked stopped, the worker's leases are free to claim at once; its actors stop their
-        // processes on the same cancellation.
+    }
+
+    /// Waits for the stop, then for every task of the worker; hands back what is left.
+    async fn supervise(self: Arc<Self>) {
+        self.token.cancelled().await;
+        self.tasks.close();
+        self.tasks.wait().await;
+        match queue::hand_back(&self.pool, self.id).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(worker.id = %self.id, jobs = n, "handed jobs back to the shared queue")
+            }
+            Err(e) => tracing::warn!(worker.id = %self.id, error = %e, "handing jobs back failed"),
+        }
+        // Marked stopped, the worker's remaining leases are free to claim at once.
         let _ = store::workers::stopped(&self.pool, self.id).await;
+        tracing::info!(worker.id = %self.id, "worker stopped");
+        self.stopped.cancel();
+    }
+
+    /// Resolves once the worker has stopped (after its shutdown token was cancelled).
+    pub async fn stopped(&self) {
+        self.stopped.cancelled().await;
     }
 
     /// Runs a job: claims the session (or forwards the job to its owner) and waits until the
@@ -134,15 +163,7 @@ impl Worker {
         let sender = self.actor_for(job.session_id).await?;
         let Some(sender) = sender else {
             // Another live worker owns the session: hand it the job.
-            let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
-            let owner = leases::owner(&mut *tx, job.session_id)
-                .await
-                .map_err(|e| e.to_string())?;
-            queue::push_turn(&mut tx, owner, job)
-                .await
-                .map_err(|e| e.to_string())?;
-            tx.commit().await.map_err(|e| e.to_string())?;
-            return Ok(());
+            return self.push_again(job).await;
         };
         let (done, wait) = oneshot::channel();
         if sender
@@ -156,7 +177,28 @@ impl Worker {
             return Err("the session actor stopped".into());
         }
         let _ = wait.await;
+        // The actor stopped before this turn ran (the worker is stopping, or the lease was
+        // lost): the job goes back to the queue rather than the turn being stranded.
+        if turns::is_unfinished(&self.pool, job.turn_id)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return self.push_again(job).await;
+        }
         Ok(())
+    }
+
+    /// Pushes the job to the session's owner (or the shared queue when it has none).
+    async fn push_again(&self, job: TurnJob) -> Result<(), String> {
+        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
+        let owner = leases::owner(&mut *tx, job.session_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .filter(|o| *o != self.id || !self.token.is_cancelled());
+        queue::push_turn(&mut tx, owner, job, queue::Push::Again)
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())
     }
 
     /// The actor of a session, started (with a fresh lease) if needed; `None` when another
@@ -165,6 +207,9 @@ impl Worker {
         self: &Arc<Self>,
         session: SessionId,
     ) -> Result<Option<mpsc::Sender<Command>>, String> {
+        if self.token.is_cancelled() {
+            return Ok(None);
+        }
         if let Some(tx) = self
             .actors
             .lock()
@@ -185,17 +230,19 @@ impl Worker {
         if let Some(tx) = actors.get(&session).filter(|tx| !tx.is_closed()) {
             return Ok(Some(tx.clone()));
         }
+        // Entries of actors that have ended (idle, deleted) go here rather than on exit.
+        actors.retain(|_, tx| !tx.is_closed());
         let (tx, rx) = mpsc::channel(64);
         let actor = Actor::new(
             session,
             fence,
             self.pool.clone(),
             self.settings.clone(),
-            self.tracker.clone(),
+            self.tasks.clone(),
             self.token.clone(),
             rx,
         );
-        self.tracker.spawn(actor.run());
+        self.tasks.spawn(actor.run());
         actors.insert(session, tx.clone());
         Ok(Some(tx))
     }

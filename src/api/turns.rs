@@ -18,7 +18,7 @@ use super::sessions::SessionPath;
 use super::tags::TURNS;
 use crate::app::AppState;
 use crate::auth::Principal;
-use crate::domain::{SessionId, TurnId};
+use crate::domain::{SessionId, TurnId, WorkerId};
 use crate::events::Usage;
 use crate::store::queue::{self, TurnJob};
 use crate::store::turns::{self, Enqueued, NewTurn, TurnRow};
@@ -62,6 +62,8 @@ pub struct TurnResponse {
     pub error: Option<String>,
     /// Tokens, cost and duration, once finished.
     pub usage: Option<Usage>,
+    /// The worker that runs (or last ran) the turn.
+    pub worker_id: Option<WorkerId>,
     pub created_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -99,6 +101,7 @@ fn to_response(row: TurnRow, usage: Option<Usage>) -> Result<TurnResponse, ApiEr
         result: row.result,
         error: row.error,
         usage,
+        worker_id: row.worker_id,
         created_at: row.created_at,
         started_at: row.started_at,
         completed_at: row.completed_at,
@@ -198,6 +201,7 @@ pub async fn create_turn(
                     session_id: turn.session_id,
                     turn_id: turn.turn_id,
                 },
+                queue::Push::First,
             )
             .await?;
             turn

@@ -25,11 +25,21 @@ pub struct TurnJob {
     pub turn_id: TurnId,
 }
 
+/// Why a job is pushed: the first push of a turn carries the turn id as its idempotency key
+/// (unique per queue); later pushes of the same turn (forwarded to the owner, handed back
+/// by a stopping worker) carry none, since a duplicate job only wakes the session's actor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    First,
+    Again,
+}
+
 /// Pushes the job for a turn inside the caller's transaction.
 pub async fn push_turn(
     conn: &mut PgConnection,
     owner: Option<WorkerId>,
     job: TurnJob,
+    push: Push,
 ) -> Result<()> {
     let queue = owner
         .map(worker_queue)
@@ -42,12 +52,40 @@ pub async fn push_turn(
         .await?;
     // Agent turns are not idempotent: apalis never retries one by itself (the worker also
     // claims the turn row, since apalis re-enqueues orphans whatever `max_attempts` says).
-    let task = TaskBuilder::new(args)
+    let mut task = TaskBuilder::new(args)
         .max_attempts(1)
-        .idempotency_key(job.turn_id.to_string())
-        .run_at_timestamp(now.max(0) as u64)
-        .build();
+        .run_at_timestamp(now.max(0) as u64);
+    if push == Push::First {
+        task = task.idempotency_key(job.turn_id.to_string());
+    }
+    let task = task.build();
     apalis_postgres::queries::push_tasks(conn, &queue, vec![task])
         .await
         .map_err(|e| Error::Queue(e.to_string()))
+}
+
+/// The apalis worker names of a hotplex worker, one per queue it consumes.
+pub fn consumer_names(worker: WorkerId) -> [String; 2] {
+    [format!("{worker}-own"), format!("{worker}-shared")]
+}
+
+/// Hands a stopped worker's jobs back to the shared queue: everything still waiting on its
+/// own queue, and whatever its consumers had fetched but not finished. apalis only rescues
+/// a dead consumer's jobs for live consumers of the same queue, which a worker's own queue
+/// never has. Returns how many jobs moved.
+pub async fn hand_back(db: impl sqlx::PgExecutor<'_>, worker: WorkerId) -> Result<u64> {
+    let names = consumer_names(worker);
+    let moved = sqlx::query(
+        "update apalis.jobs
+            set job_type = $2, status = 'Pending', lock_by = null, lock_at = null, done_at = null
+          where (job_type = $1 and status in ('Pending', 'Queued', 'Running'))
+             or (lock_by = any($3) and status in ('Queued', 'Running'))",
+    )
+    .bind(worker_queue(worker))
+    .bind(SHARED_QUEUE)
+    .bind(&names[..])
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(moved)
 }

@@ -310,6 +310,16 @@ pub async fn next_unfinished(
     Ok(row)
 }
 
+/// Whether a turn has yet to end (queued or running); `false` for an unknown turn.
+pub async fn is_unfinished(db: impl PgExecutor<'_>, turn: TurnId) -> Result<bool> {
+    let pending: Option<bool> =
+        sqlx::query_scalar("select status in ('queued', 'running') from turns where turn_id = $1")
+            .bind(turn)
+            .fetch_optional(db)
+            .await?;
+    Ok(pending.unwrap_or(false))
+}
+
 /// Marks a turn running under the worker's lease.
 pub async fn mark_running(conn: &mut PgConnection, turn: TurnId, fence: Fence) -> Result<()> {
     let n = sqlx::query(

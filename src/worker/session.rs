@@ -22,6 +22,9 @@ use crate::store::events::Fence;
 use crate::store::turns::{Outcome, TurnRow};
 use crate::store::{self, leases, sessions, turns};
 
+/// Why a turn fails when its worker stops in the middle of it.
+const WORKER_STOPPED: &str = "the worker stopped during the turn";
+
 /// A request to the actor.
 #[derive(Debug)]
 pub enum Command {
@@ -302,6 +305,11 @@ impl Actor {
                         return Ok(());
                     }
                 },
+                () = self.token.cancelled(), if interrupting.is_none() => {
+                    tracing::info!(session.id = %self.session, "worker stopping: interrupting the running turn");
+                    let _ = process.interrupt().await;
+                    interrupting = Some((WORKER_STOPPED, tokio::time::Instant::now() + w.stop_grace));
+                }
                 () = tokio::time::sleep_until(stall_deadline.min(turn_deadline)), if interrupting.is_none() => {
                     let why = if tokio::time::Instant::now() >= turn_deadline {
                         "the turn exceeded worker.turn_timeout"

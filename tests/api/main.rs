@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod claude;
 mod errors;
 mod health;
 mod openapi;

@@ -1,5 +1,6 @@
 //! The binary as an operator runs it: `up` on the embedded database across restarts,
-//! `serve`'s refusals, `keys` and `config validate`.
+//! `serve` beside separate `worker` processes, `serve`'s refusals, `keys` and `config
+//! validate`.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -11,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::support::{TestDb, hotplex_bin, without_live_fields};
+use crate::support::{TestDb, create_key, hotplex_bin, without_live_fields};
 
 /// The binary with a clean environment: nothing of the developer's `DATABASE_URL` or
 /// `HOTPLEX_*` leaks in.
@@ -26,49 +27,67 @@ fn hotplex(dir: &Path) -> Command {
     cmd
 }
 
-/// A running `hotplex up`; on drop (a failed test) it is interrupted and awaited.
-struct Up {
+/// A running `hotplex` process; on drop (a failed test) it is interrupted and awaited.
+struct Running {
     child: Child,
-    base: String,
+    /// The rest of the line that announced readiness (the URL, the worker id).
+    ready: String,
     stdout: Vec<String>,
 }
 
-impl Up {
+/// `hotplex up`, which announces its URL.
+type Up = Running;
+
+impl Running {
     async fn start(dir: &Path, env: &[(&str, &str)]) -> Self {
         let data = dir.join("data");
+        let data = data.to_str().unwrap();
+        Self::spawn(
+            dir,
+            &["up", "--listen", "127.0.0.1:0", "--data-dir", data],
+            env,
+            "hotplex listening on ",
+        )
+        .await
+    }
+
+    /// Runs `hotplex ARGS` until it prints a line starting with `ready`; stderr goes to
+    /// `<dir>/<first arg>.log`.
+    async fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
+        let log_path = dir.join(format!("{}.log", args[0]));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("up.log"))
+            .open(&log_path)
             .unwrap();
         let mut cmd = hotplex(dir);
-        cmd.args(["up", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
+        cmd.args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log);
         let mut child = cmd.spawn().unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut stdout = Vec::new();
-        let base = tokio::time::timeout(Duration::from_secs(90), async {
+        let rest = tokio::time::timeout(Duration::from_secs(90), async {
             while let Some(line) = lines.next_line().await.unwrap() {
                 stdout.push(line.clone());
-                if let Some(url) = line.strip_prefix("hotplex listening on ") {
-                    return url.to_owned();
+                if let Some(rest) = line.strip_prefix(ready) {
+                    return rest.to_owned();
                 }
             }
             panic!(
-                "up exited before listening; see {}",
-                dir.join("up.log").display()
+                "{} exited before it was ready; see {}",
+                args[0],
+                log_path.display()
             );
         })
         .await
-        .expect("up did not start within 90 s");
+        .unwrap_or_else(|_| panic!("{} was not ready within 90 s", args[0]));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Self {
             child,
-            base,
+            ready: rest,
             stdout,
         }
     }
@@ -81,12 +100,12 @@ impl Up {
         kill(self.pid(), signal).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
-            .expect("up did not stop");
+            .expect("the process did not stop");
         status.unwrap()
     }
 }
 
-impl Drop for Up {
+impl Drop for Running {
     fn drop(&mut self) {
         if let Some(pid) = self.child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGINT);
@@ -124,7 +143,7 @@ async fn up_runs_on_embedded_postgres_stops_cleanly_and_keeps_sessions() {
 
     let up = Up::start(dir.path(), &[]).await;
     let ready = client
-        .get(format!("{}/health/ready", up.base))
+        .get(format!("{}/health/ready", up.ready))
         .send()
         .await
         .unwrap();
@@ -138,7 +157,7 @@ async fn up_runs_on_embedded_postgres_stops_cleanly_and_keeps_sessions() {
         })
         .expect("up prints the admin key it created");
     let created: Value = client
-        .post(format!("{}/v1/sessions", up.base))
+        .post(format!("{}/v1/sessions", up.ready))
         .bearer_auth(&key)
         .json(&json!({"external_id": "persist-me", "model": "m1"}))
         .send()
@@ -169,7 +188,7 @@ async fn up_runs_on_embedded_postgres_stops_cleanly_and_keeps_sessions() {
     );
     let url = format!(
         "{}/v1/sessions/{}",
-        up.base,
+        up.ready,
         created["id"].as_str().unwrap()
     );
     let got: Value = client
@@ -186,7 +205,7 @@ async fn up_runs_on_embedded_postgres_stops_cleanly_and_keeps_sessions() {
         without_live_fields(created.clone())
     );
     let me = client
-        .get(format!("{}/v1/whoami", up.base))
+        .get(format!("{}/v1/whoami", up.ready))
         .bearer_auth(bootstrap)
         .send()
         .await
@@ -313,4 +332,150 @@ async fn config_validate_prints_redacted_settings_or_the_error() {
         stderr.contains("http.request_timeout") && stderr.contains("bad.yaml"),
         "{stderr}"
     );
+}
+
+/// Polls a turn until it has ended.
+async fn ended_turn(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
+    for _ in 0..600 {
+        let turn: Value = client
+            .get(format!("{base}/v1/turns/{id}"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if !matches!(turn["status"].as_str(), Some("queued" | "running")) {
+            return turn;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("turn {id} did not end within 30 s");
+}
+
+#[tokio::test]
+async fn serve_and_worker_processes_share_the_work_and_a_stopped_worker_hands_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let key = create_key(&db.pool, "default", hotplex::domain::Role::Admin).await;
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let fake = dir.path().join("fake-claude");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nexec '{}' fake-agent \"$@\"\n",
+            hotplex_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        (
+            "HOTPLEX_PROVIDERS__CLAUDE_CODE__BINARY",
+            fake.to_str().unwrap(),
+        ),
+    ];
+    let serve = Running::spawn(
+        dir.path(),
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
+        &env,
+        "hotplex listening on ",
+    )
+    .await;
+    let worker_args = ["worker", "--data-dir", data];
+    let first = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
+    let first_id = first.ready.trim_end_matches(" started").to_owned();
+    let base = serve.ready.clone();
+    let client = reqwest::Client::new();
+
+    let session: Value = client
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth(&key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = session["id"].as_str().unwrap().to_owned();
+    let post = |prompt: &'static str| {
+        client
+            .post(format!("{base}/v1/sessions/{sid}/turns"))
+            .bearer_auth(&key)
+            .json(&json!({"prompt": prompt}))
+            .send()
+    };
+    let slow: Value = post("[[slow]] a long story")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let queued: Value = post("after the restart")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // Stop the worker in the middle of the slow turn.
+    let mut pid = None;
+    for _ in 0..200 {
+        pid = sqlx::query_scalar::<_, Value>(
+            "select payload->'pid' from session_events e
+              where session_id = $1::uuid and type = 'turn.started'
+                and exists (select 1 from session_events d where d.session_id = e.session_id
+                            and d.type = 'text.delta')",
+        )
+        .bind(&sid)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent = Pid::from_raw(pid.expect("the slow turn streams").as_i64().unwrap() as i32);
+    let status = first.stop(Signal::SIGTERM).await;
+    assert!(status.success(), "{status}");
+    assert!(kill(agent, None).is_err(), "the agent outlived its worker");
+
+    let slow = ended_turn(&client, &base, &key, slow["id"].as_str().unwrap()).await;
+    assert_eq!(slow["status"], "failed", "{slow}");
+    assert_eq!(slow["error"], "the worker stopped during the turn");
+    let waiting: Value = client
+        .get(format!(
+            "{base}/v1/turns/{}",
+            queued["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(waiting["status"], "queued", "{waiting}");
+
+    // The queued turn was handed back and runs on the next worker.
+    let second = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
+    let second_id = second.ready.trim_end_matches(" started").to_owned();
+    assert_ne!(first_id, second_id);
+    let done = ended_turn(&client, &base, &key, queued["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["worker_id"], second_id.as_str(), "{done}");
+    let stopped: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("select stopped_at from workers where worker_id = $1::uuid")
+            .bind(&first_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(stopped.is_some(), "the first worker marked itself stopped");
+    assert!(second.stop(Signal::SIGINT).await.success());
+    assert!(serve.stop(Signal::SIGINT).await.success());
 }

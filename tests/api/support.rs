@@ -196,7 +196,31 @@ pub struct TestApp {
     pub admin_key: String,
     pub settings: Arc<Settings>,
     pub shutdown: Shutdown,
+    /// The worker started with the app, if any.
+    pub worker: Option<TestWorker>,
     _dir: tempfile::TempDir,
+}
+
+/// A worker started by a test; stopped (and its agents with it) when dropped.
+pub struct TestWorker {
+    pub worker: Arc<hotplex::worker::Worker>,
+    shutdown: Shutdown,
+}
+
+impl TestWorker {
+    /// Stops the worker as SIGTERM would and waits until it has stopped.
+    pub async fn stop(self) {
+        self.shutdown.token.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.worker.stopped())
+            .await
+            .expect("the worker did not stop within 30 s");
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.shutdown.token.cancel();
+    }
 }
 
 impl TestApp {
@@ -221,7 +245,7 @@ impl TestApp {
             }
         };
         let mock = mock_url.to_owned();
-        let app = Self::spawn_with(
+        let mut app = Self::spawn_with(
             move |s| {
                 let c = &mut s.providers.claude_code;
                 c.binary = bin;
@@ -238,15 +262,23 @@ impl TestApp {
             AuthMode::Keys,
         )
         .await;
-        hotplex::worker::Worker::start(app.db.pool.clone(), app.settings.clone(), &app.shutdown)
-            .await
-            .expect("worker");
+        app.worker = Some(app.start_worker().await);
         Some(app)
+    }
+
+    /// Starts a worker on this app's database and settings, stopped on its own.
+    pub async fn start_worker(&self) -> TestWorker {
+        let shutdown = Shutdown::new();
+        let worker =
+            hotplex::worker::Worker::start(self.db.pool.clone(), self.settings.clone(), &shutdown)
+                .await
+                .expect("worker");
+        TestWorker { worker, shutdown }
     }
 
     /// The app plus a worker in the same process, running the fake agent.
     pub async fn spawn_with_worker(configure: impl FnOnce(&mut Settings)) -> Self {
-        let app = Self::spawn_with(
+        let mut app = Self::spawn_with(
             |s| {
                 let script = s.data_dir.join("fake-claude");
                 let text = format!(
@@ -266,9 +298,7 @@ impl TestApp {
             AuthMode::Keys,
         )
         .await;
-        hotplex::worker::Worker::start(app.db.pool.clone(), app.settings.clone(), &app.shutdown)
-            .await
-            .expect("worker");
+        app.worker = Some(app.start_worker().await);
         app
     }
 
@@ -299,6 +329,7 @@ impl TestApp {
             admin_key,
             settings,
             shutdown,
+            worker: None,
             _dir: dir,
         }
     }
@@ -409,4 +440,95 @@ pub fn without_live_fields(mut v: serde_json::Value) -> serde_json::Value {
         o.remove("usage");
     }
     v
+}
+
+/// One server-sent event: its `id:`, `event:` and parsed `data:`.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub id: i64,
+    pub event: String,
+    pub data: serde_json::Value,
+}
+
+/// Reads an SSE response frame by frame.
+pub struct Sse {
+    stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Vec<u8>>> + Send>>,
+    buf: String,
+}
+
+impl Sse {
+    /// Checks the status and content type, then reads.
+    pub fn new(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), 200);
+        let content_type = response.headers()["content-type"].to_str().unwrap_or("");
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        use futures::StreamExt;
+        Self {
+            stream: Box::pin(response.bytes_stream().map(|r| r.map(|b| b.to_vec()))),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments and keep-alives skipped); panics after `within`.
+    pub async fn next(&mut self, within: std::time::Duration) -> SseEvent {
+        use futures::StreamExt;
+        tokio::time::timeout(within, async {
+            loop {
+                while let Some(end) = self.buf.find("\n\n") {
+                    let frame: String = self.buf.drain(..end + 2).collect();
+                    let (mut id, mut event, mut data) = (None, None, None);
+                    for line in frame.lines() {
+                        if let Some(v) = line.strip_prefix("id:") {
+                            id = v.trim().parse().ok();
+                        } else if let Some(v) = line.strip_prefix("event:") {
+                            event = Some(v.trim().to_owned());
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data = serde_json::from_str(v.trim()).ok();
+                        }
+                    }
+                    if let (Some(id), Some(event), Some(data)) = (id, event, data) {
+                        return SseEvent { id, event, data };
+                    }
+                }
+                let chunk = self
+                    .stream
+                    .next()
+                    .await
+                    .expect("the event stream ended")
+                    .expect("reading the event stream");
+                self.buf.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+        .await
+        .expect("no event arrived in time")
+    }
+
+    /// The next `n` events.
+    pub async fn take(&mut self, n: usize, within: std::time::Duration) -> Vec<SseEvent> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next(within).await);
+        }
+        out
+    }
+
+    /// Events up to and including the first one `stop` accepts.
+    pub async fn until(
+        &mut self,
+        within: std::time::Duration,
+        mut stop: impl FnMut(&SseEvent) -> bool,
+    ) -> Vec<SseEvent> {
+        let mut out = Vec::new();
+        loop {
+            let ev = self.next(within).await;
+            let done = stop(&ev);
+            out.push(ev);
+            if done {
+                return out;
+            }
+        }
+    }
 }

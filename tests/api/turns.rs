@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use serde_json::{Value, json};
 
-use crate::support::{TestApp, assert_envelope};
+use crate::support::{Sse, TestApp, assert_envelope};
 
 #[tokio::test]
 async fn turns_are_queued_in_order_with_a_durable_job() {
@@ -153,43 +152,14 @@ async fn bad_prompts_and_foreign_sessions_are_refused() {
     assert_eq!(idle["turn_id"], Value::Null);
 }
 
-/// Reads SSE frames until `n` events arrived; returns (id, event, data) of each.
+/// Reads `n` events; returns (id, event, data) of each.
 async fn read_events(response: reqwest::Response, n: usize) -> Vec<(i64, String, Value)> {
-    assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/event-stream")
-    );
-    let mut stream = response.bytes_stream();
-    let mut buf = String::new();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while out.len() < n {
-            let chunk = stream.next().await.expect("stream ended").unwrap();
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let frame: String = buf.drain(..end + 2).collect();
-                let (mut id, mut event, mut data) = (None, None, None);
-                for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = v.trim().parse().ok();
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        event = Some(v.trim().to_owned());
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data = serde_json::from_str(v.trim()).ok();
-                    }
-                }
-                if let (Some(id), Some(event), Some(data)) = (id, event, data) {
-                    out.push((id, event, data));
-                }
-            }
-        }
-    })
-    .await
-    .expect("events did not arrive in time");
-    out
+    Sse::new(response)
+        .take(n, Duration::from_secs(10))
+        .await
+        .into_iter()
+        .map(|e| (e.id, e.event, e.data))
+        .collect()
 }
 
 #[tokio::test]
