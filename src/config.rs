@@ -89,7 +89,8 @@ pub struct Settings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerSettings {
-    /// Sessions one worker keeps warm at most; more wait in the queue.
+    /// Sessions one worker keeps warm at most; when full, the least recently active idle
+    /// one is evicted, and when all run turns, new work waits in the queue.
     pub capacity: u32,
     /// How long a session's lease lasts unless renewed (renewed every third of it).
     #[serde(with = "humantime_serde")]

@@ -22,7 +22,7 @@ use crate::domain::{SessionId, WorkerId};
 use crate::events::CONTROL_CHANNEL;
 use crate::store::queue::{self, SHARED_QUEUE, TurnJob};
 use crate::store::{self, leases, turns};
-use session::{Actor, Command};
+use session::{Activity, Actor, Command};
 
 /// Rows an apalis worker claims per fetch; in-flight jobs stay below 4× this (see docs).
 const BATCH: usize = 64;
@@ -32,13 +32,33 @@ pub struct Worker {
     pub id: WorkerId,
     pool: PgPool,
     settings: Arc<Settings>,
-    actors: Mutex<HashMap<SessionId, mpsc::Sender<Command>>>,
+    actors: Mutex<HashMap<SessionId, ActorHandle>>,
     /// The worker's own tasks (consumers, actors, agent I/O), so stopping can wait for them
     /// before handing the unfinished jobs back.
     tasks: TaskTracker,
     token: CancellationToken,
     stopped: CancellationToken,
 }
+
+/// The worker's side of a session actor.
+struct ActorHandle {
+    tx: mpsc::Sender<Command>,
+    activity: Arc<Activity>,
+    /// Asked to stop to make room; its session is not handed to it again.
+    evicting: bool,
+}
+
+/// What [`Worker::actor_for`] found.
+enum Claim {
+    Actor(mpsc::Sender<Command>),
+    /// Another live worker holds the session (or this one is stopping).
+    Elsewhere,
+    /// Every warm slot runs a turn.
+    Full,
+}
+
+/// How long a job waits before another try when every worker slot was busy.
+const FULL_RETRY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -160,10 +180,12 @@ impl Worker {
     /// Runs a job: claims the session (or forwards the job to its owner) and waits until the
     /// turn has ended, so the job stays "running" in the queue for as long as the turn does.
     async fn dispatch(self: &Arc<Self>, job: TurnJob) -> Result<(), String> {
-        let sender = self.actor_for(job.session_id).await?;
-        let Some(sender) = sender else {
+        let sender = match self.actor_for(job.session_id).await? {
+            Claim::Actor(tx) => tx,
             // Another live worker owns the session: hand it the job.
-            return self.push_again(job).await;
+            Claim::Elsewhere => return self.push_again(job, queue::Push::Again).await,
+            // No room here now: any worker (this one included) tries again shortly.
+            Claim::Full => return self.push_again(job, queue::Push::Later(FULL_RETRY)).await,
         };
         let (done, wait) = oneshot::channel();
         if sender
@@ -183,68 +205,98 @@ impl Worker {
             .await
             .map_err(|e| e.to_string())?
         {
-            return self.push_again(job).await;
+            return self.push_again(job, queue::Push::Again).await;
         }
         Ok(())
     }
 
     /// Pushes the job to the session's owner (or the shared queue when it has none).
-    async fn push_again(&self, job: TurnJob) -> Result<(), String> {
+    async fn push_again(&self, job: TurnJob, push: queue::Push) -> Result<(), String> {
         let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
         let owner = leases::owner(&mut *tx, job.session_id)
             .await
             .map_err(|e| e.to_string())?
             .filter(|o| *o != self.id || !self.token.is_cancelled());
-        queue::push_turn(&mut tx, owner, job, queue::Push::Again)
+        queue::push_turn(&mut tx, owner, job, push)
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())
     }
 
-    /// The actor of a session, started (with a fresh lease) if needed; `None` when another
-    /// worker holds the session.
-    async fn actor_for(
-        self: &Arc<Self>,
-        session: SessionId,
-    ) -> Result<Option<mpsc::Sender<Command>>, String> {
-        if self.token.is_cancelled() {
-            return Ok(None);
+    /// The actor of a session, started (with a fresh lease) if needed. A worker keeps at
+    /// most `worker.capacity` sessions warm: when full, the least recently active idle
+    /// session is evicted (its process stops; its next turn resumes it wherever it lands).
+    async fn actor_for(self: &Arc<Self>, session: SessionId) -> Result<Claim, String> {
+        loop {
+            if self.token.is_cancelled() {
+                return Ok(Claim::Elsewhere);
+            }
+            let stopping = {
+                let actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
+                match actors.get(&session).filter(|h| !h.tx.is_closed()) {
+                    Some(h) if !h.evicting => return Ok(Claim::Actor(h.tx.clone())),
+                    Some(h) => Some(h.tx.clone()),
+                    None => None,
+                }
+            };
+            match stopping {
+                // Being evicted: let it finish (stop its process, release the lease) first,
+                // so two actors never share the session.
+                Some(tx) => tx.closed().await,
+                None => break,
+            }
         }
-        if let Some(tx) = self
-            .actors
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&session)
-            .filter(|tx| !tx.is_closed())
         {
-            return Ok(Some(tx.clone()));
+            let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
+            // Entries of actors that have ended (idle, deleted, evicted) go here.
+            actors.retain(|_, h| !h.tx.is_closed());
+            let warm = actors.values().filter(|h| !h.evicting).count();
+            if warm >= self.settings.worker.capacity as usize {
+                let victim = actors
+                    .iter_mut()
+                    .filter(|(_, h)| !h.evicting && !h.activity.is_busy())
+                    .min_by_key(|(_, h)| h.activity.last_active());
+                let Some((id, victim)) = victim else {
+                    return Ok(Claim::Full);
+                };
+                tracing::info!(session.id = %id, "at capacity: evicting the least recently active session");
+                victim.evicting = true;
+                let _ = victim.tx.try_send(Command::Evict);
+            }
         }
         let Some(fence) =
             leases::claim(&self.pool, session, self.id, self.settings.worker.lease_ttl)
                 .await
                 .map_err(|e| e.to_string())?
         else {
-            return Ok(None);
+            return Ok(Claim::Elsewhere);
         };
         let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(tx) = actors.get(&session).filter(|tx| !tx.is_closed()) {
-            return Ok(Some(tx.clone()));
+        if let Some(h) = actors
+            .get(&session)
+            .filter(|h| !h.tx.is_closed() && !h.evicting)
+        {
+            return Ok(Claim::Actor(h.tx.clone()));
         }
-        // Entries of actors that have ended (idle, deleted) go here rather than on exit.
-        actors.retain(|_, tx| !tx.is_closed());
         let (tx, rx) = mpsc::channel(64);
-        let actor = Actor::new(
-            session,
-            fence,
-            self.pool.clone(),
-            self.settings.clone(),
-            self.tasks.clone(),
-            self.token.clone(),
-            rx,
-        );
+        let activity = Arc::new(Activity::default());
+        let runtime = session::Runtime {
+            pool: self.pool.clone(),
+            settings: self.settings.clone(),
+            tracker: self.tasks.clone(),
+            token: self.token.clone(),
+        };
+        let actor = Actor::new(session, fence, runtime, rx, activity.clone());
         self.tasks.spawn(actor.run());
-        actors.insert(session, tx.clone());
-        Ok(Some(tx))
+        actors.insert(
+            session,
+            ActorHandle {
+                tx: tx.clone(),
+                activity,
+                evicting: false,
+            },
+        );
+        Ok(Claim::Actor(tx))
     }
 
     fn control(&self, session: SessionId, action: &str) {
@@ -253,7 +305,7 @@ impl Worker {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&session)
-            .cloned();
+            .map(|h| h.tx.clone());
         let Some(tx) = tx else { return };
         let cmd = match action {
             "interrupt" => Command::Interrupt,

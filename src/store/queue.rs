@@ -32,6 +32,8 @@ pub struct TurnJob {
 pub enum Push {
     First,
     Again,
+    /// Again, but not before this long (the worker was full).
+    Later(std::time::Duration),
 }
 
 /// Pushes the job for a turn inside the caller's transaction.
@@ -52,9 +54,13 @@ pub async fn push_turn(
         .await?;
     // Agent turns are not idempotent: apalis never retries one by itself (the worker also
     // claims the turn row, since apalis re-enqueues orphans whatever `max_attempts` says).
+    let delay = match push {
+        Push::Later(d) => d.as_secs().max(1),
+        Push::First | Push::Again => 0,
+    };
     let mut task = TaskBuilder::new(args)
         .max_attempts(1)
-        .run_at_timestamp(now.max(0) as u64);
+        .run_at_timestamp(now.max(0) as u64 + delay);
     if push == Push::First {
         task = task.idempotency_key(job.turn_id.to_string());
     }

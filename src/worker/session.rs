@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -35,6 +36,58 @@ pub enum Command {
     },
     Interrupt,
     Delete,
+    /// Stop the process and give the session up (the worker needs the slot); after the
+    /// running turn, if any.
+    Evict,
+}
+
+/// What the worker may read of an actor without asking it: whether a turn runs, and when
+/// the session was last active (for choosing whom to evict).
+#[derive(Debug)]
+pub struct Activity {
+    busy: AtomicBool,
+    last_active: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            busy: AtomicBool::new(false),
+            last_active: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Activity {
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
+    pub fn last_active(&self) -> std::time::Instant {
+        *self
+            .last_active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, Ordering::Release);
+        *self
+            .last_active
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+    }
+}
+
+/// What every actor of a worker shares.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+    /// Tracks the actors' own tasks (agent I/O), so the worker can wait for them.
+    pub tracker: TaskTracker,
+    /// The worker's stop.
+    pub token: CancellationToken,
 }
 
 pub struct Actor {
@@ -48,18 +101,24 @@ pub struct Actor {
     process: Option<ClaudeProcess>,
     waiters: Vec<(crate::domain::TurnId, oneshot::Sender<()>)>,
     deleted: bool,
+    evicted: bool,
+    activity: Arc<Activity>,
 }
 
 impl Actor {
     pub fn new(
         session: SessionId,
         fence: Fence,
-        pool: PgPool,
-        settings: Arc<Settings>,
-        tracker: TaskTracker,
-        token: CancellationToken,
+        runtime: Runtime,
         rx: mpsc::Receiver<Command>,
+        activity: Arc<Activity>,
     ) -> Self {
+        let Runtime {
+            pool,
+            settings,
+            tracker,
+            token,
+        } = runtime;
         Self {
             session,
             fence,
@@ -71,6 +130,8 @@ impl Actor {
             process: None,
             waiters: Vec::new(),
             deleted: false,
+            evicted: false,
+            activity,
         }
     }
 
@@ -82,12 +143,15 @@ impl Actor {
     /// worker stops. Always stops its process and gives up the lease.
     pub async fn run(mut self) {
         loop {
-            if self.deleted || self.token.is_cancelled() {
+            if self.deleted || self.evicted || self.token.is_cancelled() {
                 break;
             }
             match turns::next_unfinished(&self.pool, self.session).await {
                 Ok(Some(turn)) => {
-                    if let Err(e) = self.run_turn(turn).await {
+                    self.activity.set_busy(true);
+                    let ran = self.run_turn(turn).await;
+                    self.activity.set_busy(false);
+                    if let Err(e) = ran {
                         tracing::warn!(session.id = %self.session, error = %e, "stopping the session actor");
                         break;
                     }
@@ -109,6 +173,7 @@ impl Actor {
                 cmd = self.rx.recv() => match cmd {
                     Some(Command::Work { turn_id, done }) => self.waiters.push((turn_id, done)),
                     Some(Command::Delete) | None => self.deleted = true,
+                    Some(Command::Evict) => self.evicted = true,
                     Some(Command::Interrupt) => {}
                 },
                 () = tokio::time::sleep(self.settings.worker.idle_timeout) => {
@@ -304,6 +369,7 @@ impl Actor {
                         self.stop_process().await;
                         return Ok(());
                     }
+                    Some(Command::Evict) => self.evicted = true,
                 },
                 () = self.token.cancelled(), if interrupting.is_none() => {
                     tracing::info!(session.id = %self.session, "worker stopping: interrupting the running turn");

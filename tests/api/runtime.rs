@@ -81,3 +81,106 @@ async fn turns_run_on_a_warm_fake_agent_one_after_the_other() {
         + second["usage"]["output_tokens"].as_i64().unwrap();
     assert_eq!(session["usage"]["output_tokens"].as_i64().unwrap(), total);
 }
+
+/// Posts a prompt and waits (up to 60 s) for the turn to end.
+async fn run_turn(app: &TestApp, sid: &str, prompt: &str) -> Value {
+    let response = app
+        .post(
+            &format!("/v1/sessions/{sid}/turns?wait=true&timeout=60"),
+            &app.admin_key,
+        )
+        .json(&json!({"prompt": prompt}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the turn did not end in time");
+    response.json().await.unwrap()
+}
+
+async fn started_events(app: &TestApp, sid: &str) -> Vec<Value> {
+    sqlx::query_scalar(
+        "select payload from session_events where session_id = $1::uuid and type = 'turn.started' order by seq",
+    )
+    .bind(sid)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_full_worker_evicts_its_least_recently_active_idle_session() {
+    let app = TestApp::spawn_with_worker(|s| s.worker.capacity = 1).await;
+    let a = app.new_session(&app.admin_key).await;
+    let b = app.new_session(&app.admin_key).await;
+    assert_eq!(run_turn(&app, &a, "one").await["status"], "completed");
+    let pid_a = started_events(&app, &a).await[0]["pid"].as_i64().unwrap() as i32;
+
+    // The only slot goes to b: a's process stops.
+    assert_eq!(run_turn(&app, &b, "two").await["status"], "completed");
+    let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid_a), None).is_err();
+    assert!(gone, "the evicted session's agent still runs");
+    let session: Value = app
+        .get(&format!("/v1/sessions/{a}"), &app.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["process"], Value::Null, "{session}");
+
+    // a comes back: b is evicted in turn, and a's conversation resumes.
+    let again = run_turn(&app, &a, "three").await;
+    assert_eq!(again["status"], "completed", "{again}");
+    assert!(
+        again["result"]
+            .as_str()
+            .unwrap()
+            .contains("FAKE-ECHO(turn 2)"),
+        "the conversation went on: {again}"
+    );
+    let started = started_events(&app, &a).await;
+    assert_eq!(started[1]["resumed"], true, "{started:?}");
+}
+
+#[tokio::test]
+async fn a_full_worker_makes_new_sessions_wait_while_every_slot_runs_a_turn() {
+    let app = TestApp::spawn_with_worker(|s| s.worker.capacity = 1).await;
+    let a = app.new_session(&app.admin_key).await;
+    let b = app.new_session(&app.admin_key).await;
+    let slow: Value = app
+        .post(&format!("/v1/sessions/{a}/turns"), &app.admin_key)
+        .json(&json!({"prompt": "[[slow]] story"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Wait until the slow turn runs, then ask for a second session.
+    for _ in 0..100 {
+        if !started_events(&app, &a).await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let waiting = run_turn(&app, &b, "my turn").await;
+    assert_eq!(waiting["status"], "completed", "{waiting}");
+    let slow: Value = app
+        .get(
+            &format!("/v1/turns/{}", slow["id"].as_str().unwrap()),
+            &app.admin_key,
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(slow["status"], "completed", "{slow}");
+    let slow_end =
+        chrono::DateTime::parse_from_rfc3339(slow["completed_at"].as_str().unwrap()).unwrap();
+    let b_start =
+        chrono::DateTime::parse_from_rfc3339(waiting["started_at"].as_str().unwrap()).unwrap();
+    assert!(b_start >= slow_end, "b ran while the only slot was busy");
+}
