@@ -184,3 +184,147 @@ async fn a_full_worker_makes_new_sessions_wait_while_every_slot_runs_a_turn() {
         chrono::DateTime::parse_from_rfc3339(waiting["started_at"].as_str().unwrap()).unwrap();
     assert!(b_start >= slow_end, "b ran while the only slot was busy");
 }
+
+async fn stored_types(app: &TestApp, sid: &str) -> Vec<String> {
+    sqlx::query_scalar("select type from session_events where session_id = $1::uuid order by seq")
+        .bind(sid)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+fn alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[tokio::test]
+async fn an_idle_process_is_reaped_and_the_next_turn_resumes_the_conversation() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.idle_timeout = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    assert_eq!(run_turn(&app, &sid, "one").await["status"], "completed");
+    let pid = started_events(&app, &sid).await[0]["pid"].as_i64().unwrap();
+    let mut reaped = false;
+    for _ in 0..100 {
+        if !alive(pid) {
+            reaped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(reaped, "the idle process was not stopped");
+    let session: Value = app
+        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["process"], Value::Null, "{session}");
+    let next = run_turn(&app, &sid, "two").await;
+    assert!(
+        next["result"]
+            .as_str()
+            .unwrap()
+            .contains("FAKE-ECHO(turn 2)"),
+        "{next}"
+    );
+    assert_eq!(started_events(&app, &sid).await[1]["resumed"], true);
+}
+
+#[tokio::test]
+async fn a_lost_transcript_starts_afresh_with_an_explicit_context_lost_event() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.idle_timeout = std::time::Duration::from_millis(200);
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    assert_eq!(run_turn(&app, &sid, "one").await["status"], "completed");
+    let pid = started_events(&app, &sid).await[0]["pid"].as_i64().unwrap();
+    for _ in 0..100 {
+        if !alive(pid) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The agent's HOME loses its transcripts (a new host, a wiped disk).
+    let home = app.settings.agent_home(&app.settings.providers.claude_code);
+    std::fs::remove_dir_all(home.join(".claude/projects")).expect("transcripts existed");
+    let next = run_turn(&app, &sid, "two").await;
+    assert_eq!(next["status"], "completed", "{next}");
+    assert!(
+        next["result"]
+            .as_str()
+            .unwrap()
+            .contains("FAKE-ECHO(turn 1)"),
+        "a fresh conversation: {next}"
+    );
+    let types = stored_types(&app, &sid).await;
+    let lost = types.iter().position(|t| t == "session.context_lost");
+    let second_start = types.iter().rposition(|t| t == "turn.started");
+    assert!(lost.is_some() && lost < second_start, "{types:?}");
+}
+
+#[tokio::test]
+async fn watchdogs_end_runaway_and_silent_turns_and_the_session_goes_on() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.turn_timeout = std::time::Duration::from_millis(800);
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    let runaway = run_turn(&app, &sid, "[[slow]] forever").await;
+    assert_eq!(runaway["status"], "failed", "{runaway}");
+    assert!(
+        runaway["error"]
+            .as_str()
+            .unwrap()
+            .contains("worker.turn_timeout"),
+        "{runaway}"
+    );
+    assert_eq!(run_turn(&app, &sid, "next").await["status"], "completed");
+
+    // Silence: the agent waits 3 s before each delta; the stall limit is 500 ms.
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.stall_timeout = std::time::Duration::from_millis(500);
+        s.providers.claude_code.args = vec!["--fake-delay-ms".into(), "3000".into()];
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    let silent = run_turn(&app, &sid, "hello").await;
+    assert_eq!(silent["status"], "failed", "{silent}");
+    assert!(
+        silent["error"]
+            .as_str()
+            .unwrap()
+            .contains("worker.stall_timeout"),
+        "{silent}"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_that_dies_mid_turn_fails_the_turn_and_the_next_one_gets_a_new_process() {
+    let app = TestApp::spawn_with_worker(|_| {}).await;
+    let sid = app.new_session(&app.admin_key).await;
+    assert_eq!(run_turn(&app, &sid, "one").await["status"], "completed");
+    let crashed = run_turn(&app, &sid, "[[exit]]").await;
+    assert_eq!(crashed["status"], "failed", "{crashed}");
+    assert!(
+        crashed["error"].as_str().unwrap().contains("exit code 3"),
+        "the exit code is reported: {crashed}"
+    );
+    let agent_error = run_turn(&app, &sid, "[[fail]]").await;
+    assert_eq!(agent_error["status"], "failed", "{agent_error}");
+    let next = run_turn(&app, &sid, "after").await;
+    assert_eq!(next["status"], "completed", "{next}");
+    let started = started_events(&app, &sid).await;
+    assert_eq!(started.len(), 4);
+    assert_ne!(started[0]["pid"], started[2]["pid"], "a new process");
+    assert_eq!(started[2]["resumed"], true, "{started:?}");
+    assert_eq!(
+        started[2]["pid"], started[3]["pid"],
+        "[[fail]] keeps the process"
+    );
+}
