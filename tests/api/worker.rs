@@ -143,3 +143,72 @@ async fn deltas_are_coalesced_and_other_events_keep_their_order() {
     // After the two events of the enqueue (session.status, turn.queued), without gaps.
     assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4, 5]);
 }
+
+#[tokio::test]
+async fn two_workers_share_sessions_and_each_session_stays_on_one_worker_in_order() {
+    let app = TestApp::spawn_with_worker(|_| {}).await;
+    let second = app.start_worker().await;
+    let sessions = futures::future::join_all((0..4).map(|_| app.new_session(&app.admin_key))).await;
+    // Bursts of prompts to every session at once: some jobs land on the shared queue while
+    // another worker already holds the session, and must be forwarded to it.
+    let app_ref = &app;
+    let posts = sessions.iter().flat_map(|sid| {
+        (0..6).map(move |i| {
+            let app = app_ref;
+            app.post(&format!("/v1/sessions/{sid}/turns"), &app.admin_key)
+                .json(&json!({"prompt": format!("prompt {i}")}))
+                .send()
+        })
+    });
+    for r in futures::future::join_all(posts).await {
+        assert_eq!(r.unwrap().status(), 202);
+    }
+    let mut pending = i64::MAX;
+    for _ in 0..600 {
+        pending =
+            sqlx::query_scalar("select count(*) from turns where status in ('queued', 'running')")
+                .fetch_one(&app.db.pool)
+                .await
+                .unwrap();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(pending, 0, "turns were left behind");
+    let mut used = std::collections::HashSet::new();
+    for sid in &sessions {
+        let rows: Vec<(i64, String, Option<WorkerId>)> = sqlx::query_as(
+            "select seq, status, worker_id from turns where session_id = $1::uuid order by seq",
+        )
+        .bind(sid)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 6);
+        assert!(rows.iter().all(|r| r.1 == "completed"), "{rows:?}");
+        let owner = rows[0].2;
+        assert!(
+            rows.iter().all(|r| r.2 == owner),
+            "a session moved: {rows:?}"
+        );
+        used.insert(owner);
+        // The warm process numbers its turns: they ran in seq order on one process.
+        let results: Vec<(String, String)> = sqlx::query_as(
+            "select prompt, result from turns where session_id = $1::uuid order by seq",
+        )
+        .bind(sid)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+        for (i, (prompt, result)) in results.iter().enumerate() {
+            let expected = format!("FAKE-ECHO(turn {}): {prompt}", i + 1);
+            assert!(result.contains(&expected), "{result} is not {expected}");
+        }
+    }
+    let ids: Vec<Option<WorkerId>> = vec![
+        app.worker.as_ref().map(|w| w.worker.id),
+        Some(second.worker.id),
+    ];
+    assert!(used.iter().all(|u| ids.contains(u)), "{used:?}");
+}
