@@ -13,6 +13,8 @@
 //! - [`api`] — the HTTP API (native `/v1`, health, OpenAPI, Swagger UI).
 //! - [`db`], [`embedded_pg`] — the database a process runs on, embedded or external.
 //! - [`store`] — every SQL statement.
+//! - [`worker`], [`provider`] — the worker and the agent processes it keeps warm.
+//! - [`events`] — the event model; [`sse`] — parsing event streams as a client.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -28,6 +30,7 @@ pub mod events;
 pub mod fake_agent;
 pub mod mock_llm;
 pub mod provider;
+pub mod sse;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

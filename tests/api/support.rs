@@ -450,10 +450,11 @@ pub struct SseEvent {
     pub data: serde_json::Value,
 }
 
-/// Reads an SSE response frame by frame.
+/// Reads an SSE response event by event.
 pub struct Sse {
     stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Vec<u8>>> + Send>>,
-    buf: String,
+    parser: hotplex::sse::Parser,
+    ready: std::collections::VecDeque<SseEvent>,
 }
 
 impl Sse {
@@ -468,7 +469,8 @@ impl Sse {
         use futures::StreamExt;
         Self {
             stream: Box::pin(response.bytes_stream().map(|r| r.map(|b| b.to_vec()))),
-            buf: String::new(),
+            parser: hotplex::sse::Parser::new(),
+            ready: std::collections::VecDeque::new(),
         }
     }
 
@@ -477,21 +479,8 @@ impl Sse {
         use futures::StreamExt;
         tokio::time::timeout(within, async {
             loop {
-                while let Some(end) = self.buf.find("\n\n") {
-                    let frame: String = self.buf.drain(..end + 2).collect();
-                    let (mut id, mut event, mut data) = (None, None, None);
-                    for line in frame.lines() {
-                        if let Some(v) = line.strip_prefix("id:") {
-                            id = v.trim().parse().ok();
-                        } else if let Some(v) = line.strip_prefix("event:") {
-                            event = Some(v.trim().to_owned());
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data = serde_json::from_str(v.trim()).ok();
-                        }
-                    }
-                    if let (Some(id), Some(event), Some(data)) = (id, event, data) {
-                        return SseEvent { id, event, data };
-                    }
+                if let Some(ev) = self.ready.pop_front() {
+                    return ev;
                 }
                 let chunk = self
                     .stream
@@ -499,13 +488,18 @@ impl Sse {
                     .await
                     .expect("the event stream ended")
                     .expect("reading the event stream");
-                self.buf.push_str(&String::from_utf8_lossy(&chunk));
+                for frame in self.parser.push(&chunk) {
+                    let id = frame.id.as_deref().and_then(|i| i.parse().ok());
+                    let data = serde_json::from_str(&frame.data).ok();
+                    if let (Some(id), Some(event), Some(data)) = (id, frame.event, data) {
+                        self.ready.push_back(SseEvent { id, event, data });
+                    }
+                }
             }
         })
         .await
         .expect("no event arrived in time")
     }
-
     /// The next `n` events.
     pub async fn take(&mut self, n: usize, within: std::time::Duration) -> Vec<SseEvent> {
         let mut out = Vec::with_capacity(n);
