@@ -8,8 +8,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{KEYS_CHANNEL, KeyCache};
 use crate::config::Settings;
 use crate::events::hub::EventHub;
+use crate::events::listener::Handler;
 
 /// How requests are authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub struct App {
     pub auth: AuthMode,
     /// Wake-ups for event streams, fed by this process's LISTEN connection.
     pub hub: EventHub,
+    /// Keys this process has authenticated recently (emptied on any key change).
+    pub keys: Arc<KeyCache>,
     /// Cancelled at shutdown: long-lived responses (event streams, waits) end with it.
     pub shutdown: CancellationToken,
 }
@@ -50,17 +54,35 @@ impl AppState {
         shutdown: &Shutdown,
     ) -> Self {
         let hub = EventHub::new();
+        let keys = Arc::new(KeyCache::default());
         shutdown.tracker.spawn(crate::events::listener::run(
             pool.clone(),
-            vec![crate::events::EVENTS_CHANNEL],
-            hub.clone(),
+            vec![crate::events::EVENTS_CHANNEL, KEYS_CHANNEL],
+            Listening {
+                hub: hub.clone(),
+                keys: keys.clone(),
+            },
             shutdown.token.child_token(),
         ));
+        let (clock_pool, token) = (pool.clone(), shutdown.token.clone());
+        shutdown.tracker.spawn(async move {
+            // Jobs are stamped with the database's clock; keep our idea of it fresh.
+            loop {
+                if let Err(e) = crate::store::queue::sync_clock(&clock_pool).await {
+                    tracing::debug!(error = %e, "reading the database clock failed");
+                }
+                tokio::select! {
+                    () = token.cancelled() => break,
+                    () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+                }
+            }
+        });
         Self::new(App {
             pool,
             settings,
             auth,
             hub,
+            keys,
             shutdown: shutdown.token.clone(),
         })
     }
@@ -83,5 +105,26 @@ pub struct Shutdown {
 impl Shutdown {
     pub fn new() -> Self {
         Self::default()
+    }
+}
+
+/// What an API process's LISTEN connection feeds: event streams and the key cache.
+struct Listening {
+    hub: EventHub,
+    keys: Arc<KeyCache>,
+}
+
+impl Handler for Listening {
+    fn notify(&self, channel: &str, payload: &str) {
+        if channel == KEYS_CHANNEL {
+            self.keys.clear();
+        } else {
+            self.hub.notify(channel, payload);
+        }
+    }
+
+    fn resync(&self) {
+        self.keys.clear();
+        self.hub.resync();
     }
 }

@@ -74,3 +74,78 @@ mod tests {
         assert_eq!(display_prefix(&a).len(), DISPLAY_LEN);
     }
 }
+
+/// Authenticated keys of this API process, so a request costs no database round trip for
+/// its key. Entries expire after [`KeyCache::TTL`]; any change to `api_keys` (revoke, by the
+/// API, the CLI or plain SQL) fires a NOTIFY on [`KEYS_CHANNEL`] that empties the cache at
+/// once, and so does a reconnect of the LISTEN connection (a notification may have been
+/// missed).
+#[derive(Debug, Default)]
+pub struct KeyCache {
+    entries: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Principal, std::time::Instant)>>,
+}
+
+/// Channel of the `api_keys` change trigger.
+pub const KEYS_CHANNEL: &str = "hotplex_keys";
+
+impl KeyCache {
+    /// The longest a cached key is trusted without a notification.
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(10);
+    /// Past this many keys the cache starts over rather than grow.
+    const MAX: usize = 10_000;
+
+    pub fn get(&self, hash: &[u8; 32]) -> Option<Principal> {
+        let entries = self.lock();
+        entries
+            .get(hash)
+            .filter(|(_, at)| at.elapsed() < Self::TTL)
+            .map(|(p, _)| p.clone())
+    }
+
+    pub fn insert(&self, hash: [u8; 32], principal: Principal) {
+        let mut entries = self.lock();
+        if entries.len() >= Self::MAX {
+            entries.clear();
+        }
+        entries.insert(hash, (principal, std::time::Instant::now()));
+    }
+
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<[u8; 32], (Principal, std::time::Instant)>,
+    > {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn cached_keys_are_served_until_cleared() {
+        let cache = KeyCache::default();
+        let hash = hash_key("hpx_x");
+        assert!(cache.get(&hash).is_none());
+        cache.insert(
+            hash,
+            Principal {
+                tenant_id: TenantId(uuid::Uuid::nil()),
+                tenant_name: "t".into(),
+                key_id: None,
+                role: Role::User,
+            },
+        );
+        assert_eq!(cache.get(&hash).map(|p| p.tenant_name), Some("t".into()));
+        cache.clear();
+        assert!(cache.get(&hash).is_none());
+    }
+}

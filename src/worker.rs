@@ -26,6 +26,8 @@ use session::{Activity, Actor, Command};
 
 /// Rows an apalis worker claims per fetch; in-flight jobs stay below 4× this (see docs).
 const BATCH: usize = 64;
+/// The fallback poll of each queue, for wake-ups pubsub missed.
+const POLL: Duration = Duration::from_millis(250);
 
 /// A running worker.
 pub struct Worker {
@@ -88,6 +90,7 @@ impl Worker {
             settings.worker.capacity,
         )
         .await?;
+        queue::sync_clock(&pool).await?;
         let worker = Arc::new(Self {
             id,
             pool: pool.clone(),
@@ -114,13 +117,14 @@ impl Worker {
                 .queue(queue.as_str())
                 .batch_size(BATCH)
                 .lock_tasks(false);
-            // LISTEN wake-ups plus a 1 s poll: pubsub alone can miss wake-ups in bursts.
+            // LISTEN wake-ups plus a 250 ms poll: pubsub alone can miss wake-ups (then a
+            // turn would wait for the poll; see docs/apalis.md).
             let backend = PostgresStorage::<TurnJob>::new(&pool)
                 .with_config(config)
                 .poll_with_strategy(
                     Strategy::new()
                         .stream(Pubsub::new(pool.clone(), queue.clone()))
-                        .interval(Duration::from_secs(1)),
+                        .interval(POLL),
                 );
             let apalis_worker = WorkerBuilder::new(name.as_str())
                 .backend(backend)
@@ -150,6 +154,7 @@ impl Worker {
                 () = tokio::time::sleep(period) => {}
             }
             let _ = store::workers::heartbeat(&self.pool, self.id).await;
+            let _ = queue::sync_clock(&self.pool).await;
             let _ = leases::renew_all(&self.pool, self.id, self.settings.worker.lease_ttl).await;
         }
     }

@@ -257,6 +257,8 @@ pub async fn revoke_key(
     let row = keys::revoke(&state.pool, path.key_id)
         .await?
         .ok_or_else(|| ApiError::not_found("key not found"))?;
+    // Other API processes hear of it through the keys trigger; this one forgets at once.
+    state.keys.clear();
     let (actor, id) = (principal.actor(), row.api_key_id.to_string());
     audit::record(
         &state.pool,

@@ -50,15 +50,21 @@ pub async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Princ
             "an API key is required (`Authorization: Bearer <key>` or `X-API-Key`)",
         ));
     };
-    let row = store::keys::authenticate(&state.pool, &hash_key(key))
+    let hash = hash_key(key);
+    if let Some(principal) = state.keys.get(&hash) {
+        return Ok(principal);
+    }
+    let row = store::keys::authenticate(&state.pool, &hash)
         .await?
         .ok_or_else(|| ApiError::unauthorized("invalid or revoked API key"))?;
-    Ok(Principal {
+    let principal = Principal {
         tenant_id: row.tenant_id,
         tenant_name: row.tenant_name.clone(),
         key_id: Some(row.api_key_id),
         role: row.role()?,
-    })
+    };
+    state.keys.insert(hash, principal.clone());
+    Ok(principal)
 }
 
 impl FromRequestParts<AppState> for Principal {

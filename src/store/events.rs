@@ -29,48 +29,52 @@ pub async fn append(
         return max_seq(&mut *conn, session).await;
     }
     let n = events.len() as i64;
+    let (turns, kinds, payloads) = columns(events);
+    // One statement (one round trip, atomic without a transaction): take the seqs under
+    // the fence, insert the rows; a lost lease matches nothing and inserts nothing.
     let last: Option<i64> = sqlx::query_scalar(
-        "update sessions set last_event_seq = last_event_seq + $2, last_active_at = now()
-          where session_id = $1
-            and ($3::uuid is null or exists (
-                  select 1 from session_leases l
-                   where l.session_id = $1 and l.worker_id = $3 and l.generation = $4))
-          returning last_event_seq",
+        "with u as (
+             update sessions set last_event_seq = last_event_seq + $2, last_active_at = now()
+              where session_id = $1
+                and ($3::uuid is null or exists (
+                      select 1 from session_leases l
+                       where l.session_id = $1 and l.worker_id = $3 and l.generation = $4))
+          returning last_event_seq
+         ), i as (
+             insert into session_events (session_id, seq, turn_id, type, payload)
+             select $1, u.last_event_seq - $2 + x.ord, x.turn_id, x.type, x.payload
+               from u, unnest($5::uuid[], $6::text[], $7::jsonb[])
+                       with ordinality as x(turn_id, type, payload, ord)
+         )
+         select last_event_seq from u",
     )
     .bind(session)
     .bind(n)
     .bind(fence.map(|f| f.worker_id))
     .bind(fence.map(|f| f.generation))
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(last) = last else {
-        return Err(if fence.is_some() {
-            Error::Fenced
-        } else {
-            Error::Corrupt(format!("no session {session}"))
-        });
-    };
-    let first = last - n + 1;
-    let seqs: Vec<i64> = (first..=last).collect();
-    let turns: Vec<Option<uuid::Uuid>> = events.iter().map(|e| e.turn_id.map(|t| t.0)).collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e.body.kind()).collect();
-    let payloads: Vec<Value> = events
-        .iter()
-        .map(|e| serde_json::to_value(&e.body).unwrap_or(Value::Null))
-        .collect();
-    sqlx::query(
-        "insert into session_events (session_id, seq, turn_id, type, payload)
-         select $1, x.seq, x.turn_id, x.type, x.payload
-           from unnest($2::bigint[], $3::uuid[], $4::text[], $5::jsonb[]) as x(seq, turn_id, type, payload)",
-    )
-    .bind(session)
-    .bind(&seqs)
     .bind(&turns)
     .bind(&kinds)
     .bind(&payloads)
-    .execute(&mut *conn)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(last)
+    match last {
+        Some(last) => Ok(last),
+        None if fence.is_some() => Err(Error::Fenced),
+        None => Err(Error::Corrupt(format!("no session {session}"))),
+    }
+}
+
+/// Events as the column arrays the insert statements unnest.
+pub(super) fn columns(
+    events: &[NewEvent],
+) -> (Vec<Option<uuid::Uuid>>, Vec<&'static str>, Vec<Value>) {
+    let turns = events.iter().map(|e| e.turn_id.map(|t| t.0)).collect();
+    let kinds = events.iter().map(|e| e.body.kind()).collect();
+    let payloads = events
+        .iter()
+        .map(|e| serde_json::to_value(&e.body).unwrap_or(Value::Null))
+        .collect();
+    (turns, kinds, payloads)
 }
 
 /// The highest seq of a session (0 when it has none).

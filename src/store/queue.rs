@@ -47,20 +47,20 @@ pub async fn push_turn(
         .map(worker_queue)
         .unwrap_or_else(|| SHARED_QUEUE.to_owned());
     let args = serde_json::to_vec(&job).map_err(|e| Error::Corrupt(e.to_string()))?;
-    // The insert trigger only wakes workers when `run_at <= now()` of this transaction;
-    // apalis's default `run_at` is the client clock, so take the database's.
-    let now: i64 = sqlx::query_scalar("select floor(extract(epoch from now()))::bigint")
-        .fetch_one(&mut *conn)
-        .await?;
+    // Workers only fetch jobs with `run_at < now()` and the insert trigger only wakes them
+    // when `run_at <= now()`, by the database's clock; jobs run in `run_at` order. So a job is
+    // stamped with the database's time (this host's clock corrected by [`sync_clock`]) one
+    // second back: due at once, and first-come first-served to the second.
+    let delay = match push {
+        Push::Later(d) => d.as_secs().max(1) as i64,
+        Push::First | Push::Again => -1,
+    };
+    let run_at = (db_now_secs() + delay).max(0) as u64;
     // Agent turns are not idempotent: apalis never retries one by itself (the worker also
     // claims the turn row, since apalis re-enqueues orphans whatever `max_attempts` says).
-    let delay = match push {
-        Push::Later(d) => d.as_secs().max(1),
-        Push::First | Push::Again => 0,
-    };
     let mut task = TaskBuilder::new(args)
         .max_attempts(1)
-        .run_at_timestamp(now.max(0) as u64 + delay);
+        .run_at_timestamp(run_at);
     if push == Push::First {
         task = task.idempotency_key(job.turn_id.to_string());
     }
@@ -68,6 +68,32 @@ pub async fn push_turn(
     apalis_postgres::queries::push_tasks(conn, &queue, vec![task])
         .await
         .map_err(|e| Error::Queue(e.to_string()))
+}
+
+/// The database clock minus this host's, in milliseconds (see [`sync_clock`]).
+static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Measures how far the database's clock is from this host's, for stamping jobs without a
+/// round trip. Called when a process starts and by the worker's heartbeat.
+pub async fn sync_clock(db: impl sqlx::PgExecutor<'_>) -> Result<()> {
+    let before = unix_ms();
+    let db_ms: i64 =
+        sqlx::query_scalar("select (extract(epoch from clock_timestamp()) * 1000)::bigint")
+            .fetch_one(db)
+            .await?;
+    let local = (before + unix_ms()) / 2;
+    CLOCK_OFFSET_MS.store(db_ms - local, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn db_now_secs() -> i64 {
+    (unix_ms() + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)).div_euclid(1000)
 }
 
 /// The apalis worker names of a hotplex worker, one per queue it consumes.

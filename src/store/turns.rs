@@ -64,21 +64,22 @@ pub enum Enqueued {
     NoSession,
 }
 
-/// Enqueues a turn inside the caller's transaction (which also pushes the job).
+/// Enqueues a turn inside the caller's transaction (which also pushes the job). Without
+/// an idempotency key this is one statement: it locks the session, takes the next turn and
+/// event seqs, inserts the turn and its events, and finds the session's live owner.
 pub async fn enqueue(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enqueued> {
-    // The row lock serializes enqueues of one session, so seqs follow arrival order.
-    let status: Option<String> = sqlx::query_scalar(
-        "select status from sessions where session_id = $1 and tenant_id = $2 and status <> 'deleted' for update",
-    )
-    .bind(new.session_id)
-    .bind(new.tenant_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(status) = status else {
-        return Ok(Enqueued::NoSession);
-    };
-
     if let Some(key) = new.idempotency_key {
+        // The row lock serializes retries of one key, so only the first one inserts.
+        let live: Option<bool> = sqlx::query_scalar(
+            "select true from sessions where session_id = $1 and tenant_id = $2 and status <> 'deleted' for update",
+        )
+        .bind(new.session_id)
+        .bind(new.tenant_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if live.is_none() {
+            return Ok(Enqueued::NoSession);
+        }
         let existing: Option<(TurnId, Option<Vec<u8>>)> = sqlx::query_as(
             "select turn_id, request_hash from turns where session_id = $1 and idempotency_key = $2",
         )
@@ -97,53 +98,68 @@ pub async fn enqueue(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enque
         }
     }
 
-    let seq: i64 = sqlx::query_scalar(
-        "update sessions set last_turn_seq = last_turn_seq + 1, status = 'busy', updated_at = now(),
-                last_active_at = now()
-          where session_id = $1 returning last_turn_seq",
-    )
-    .bind(new.session_id)
-    .fetch_one(&mut *conn)
-    .await?;
     let turn_id = TurnId::new_random();
-    let turn = sqlx::query_as::<_, TurnRow>(sqlx::AssertSqlSafe(format!(
-        "insert into turns (turn_id, session_id, tenant_id, seq, prompt, idempotency_key, request_hash)
-         values ($1, $2, $3, $4, $5, $6, $7)
-         returning {COLUMNS}"
+    let busy = serde_json::to_value(EventBody::SessionStatus {
+        status: SessionStatus::Busy,
+    })
+    .map_err(|e| Error::Corrupt(e.to_string()))?;
+    // `turn_seq` is filled in by the statement, which is the one to know it.
+    let queued = serde_json::to_value(EventBody::TurnQueued {
+        turn_seq: 0,
+        prompt: new.prompt.to_owned(),
+    })
+    .map_err(|e| Error::Corrupt(e.to_string()))?;
+    let row = sqlx::query_as::<_, EnqueuedRow>(sqlx::AssertSqlSafe(format!(
+        "with s as (
+             select session_id, status from sessions
+              where session_id = $1 and tenant_id = $2 and status <> 'deleted'
+              for update
+         ), u as (
+             update sessions x
+                set last_turn_seq = x.last_turn_seq + 1,
+                    last_event_seq = x.last_event_seq + case when s.status = 'busy' then 1 else 2 end,
+                    status = 'busy', updated_at = now(), last_active_at = now()
+               from s
+              where x.session_id = s.session_id
+          returning x.last_turn_seq as turn_seq, x.last_event_seq as event_seq, s.status as old_status
+         ), t as (
+             insert into turns (turn_id, session_id, tenant_id, seq, prompt, idempotency_key, request_hash)
+             select $3, $1, $2, u.turn_seq, $4, $5, $6 from u
+             returning {COLUMNS}
+         ), e as (
+             insert into session_events (session_id, seq, turn_id, type, payload)
+             select $1, u.event_seq - 1, null, 'session.status', $7::jsonb from u where u.old_status <> 'busy'
+             union all
+             select $1, u.event_seq, $3, 'turn.queued', jsonb_set($8::jsonb, '{{turn_seq}}', to_jsonb(u.turn_seq))
+               from u
+         )
+         select t.*,
+                (select l.worker_id from session_leases l join workers w using (worker_id)
+                  where l.session_id = $1 and l.expires_at > now() and w.stopped_at is null
+                    and not w.draining) as owner
+           from t"
     )))
-    .bind(turn_id)
     .bind(new.session_id)
     .bind(new.tenant_id)
-    .bind(seq)
+    .bind(turn_id)
     .bind(new.prompt)
     .bind(new.idempotency_key)
     .bind(new.request_hash)
-    .fetch_one(&mut *conn)
-    .await?;
-
-    let mut evs = Vec::with_capacity(2);
-    if status != "busy" {
-        evs.push(NewEvent::session(EventBody::SessionStatus {
-            status: SessionStatus::Busy,
-        }));
-    }
-    evs.push(NewEvent::turn(
-        turn_id,
-        EventBody::TurnQueued {
-            turn_seq: seq,
-            prompt: new.prompt.to_owned(),
-        },
-    ));
-    events::append(&mut *conn, new.session_id, None, &evs).await?;
-
-    let owner: Option<WorkerId> = sqlx::query_scalar(
-        "select l.worker_id from session_leases l join workers w using (worker_id)
-          where l.session_id = $1 and l.expires_at > now() and w.stopped_at is null and not w.draining",
-    )
-    .bind(new.session_id)
+    .bind(busy)
+    .bind(queued)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(Enqueued::New { turn, owner })
+    Ok(match row {
+        Some(EnqueuedRow { turn, owner }) => Enqueued::New { turn, owner },
+        None => Enqueued::NoSession,
+    })
+}
+
+#[derive(sqlx::FromRow)]
+struct EnqueuedRow {
+    #[sqlx(flatten)]
+    turn: TurnRow,
+    owner: Option<WorkerId>,
 }
 
 async fn get_any(db: impl PgExecutor<'_>, id: TurnId) -> Result<Option<TurnRow>> {
@@ -320,23 +336,47 @@ pub async fn is_unfinished(db: impl PgExecutor<'_>, turn: TurnId) -> Result<bool
     Ok(pending.unwrap_or(false))
 }
 
-/// Marks a turn running under the worker's lease.
-pub async fn mark_running(conn: &mut PgConnection, turn: TurnId, fence: Fence) -> Result<()> {
-    let n = sqlx::query(
-        "update turns set status = 'running', started_at = coalesce(started_at, now()), worker_id = $2,
-                lease_generation = $3
-          where turn_id = $1 and status in ('queued', 'running')",
+/// Marks a turn running under the worker's lease and appends `events` (its `turn.started`),
+/// in one statement. Fails with [`Error::Fenced`] when the lease was lost or the turn is no
+/// longer pending (the session was deleted).
+pub async fn start(
+    conn: &mut PgConnection,
+    turn: &TurnRow,
+    fence: Fence,
+    events: &[NewEvent],
+) -> Result<i64> {
+    let (turns, kinds, payloads) = events::columns(events);
+    let last: Option<i64> = sqlx::query_scalar(
+        "with t as (
+             update turns set status = 'running', started_at = coalesce(started_at, now()),
+                    worker_id = $3, lease_generation = $4
+              where turn_id = $2 and status in ('queued', 'running')
+                and exists (select 1 from session_leases l
+                             where l.session_id = $1 and l.worker_id = $3 and l.generation = $4)
+          returning turn_id
+         ), u as (
+             update sessions set last_event_seq = last_event_seq + $5, last_active_at = now()
+              where session_id = $1 and exists (select 1 from t)
+          returning last_event_seq
+         ), i as (
+             insert into session_events (session_id, seq, turn_id, type, payload)
+             select $1, u.last_event_seq - $5 + x.ord, x.turn_id, x.type, x.payload
+               from u, unnest($6::uuid[], $7::text[], $8::jsonb[])
+                       with ordinality as x(turn_id, type, payload, ord)
+         )
+         select last_event_seq from u",
     )
-    .bind(turn)
+    .bind(turn.session_id)
+    .bind(turn.turn_id)
     .bind(fence.worker_id)
     .bind(fence.generation)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if n == 0 {
-        return Err(Error::Corrupt(format!("turn {turn} is not pending")));
-    }
-    Ok(())
+    .bind(events.len() as i64)
+    .bind(&turns)
+    .bind(&kinds)
+    .bind(&payloads)
+    .fetch_optional(&mut *conn)
+    .await?;
+    last.ok_or(Error::Fenced)
 }
 
 /// How a turn ended, for [`finish`].
@@ -347,9 +387,17 @@ pub enum Outcome {
     Interrupted { usage: Option<Usage> },
 }
 
-/// Records the end of a turn (status, result, usage) and whether the session is now idle.
-/// Returns `true` when no other turn of the session is pending.
-pub async fn finish(conn: &mut PgConnection, turn: &TurnRow, outcome: &Outcome) -> Result<bool> {
+/// Records the end of a turn under the worker's lease, in one statement: its status,
+/// result and usage, the session's status, and `events` (the last deltas and the terminal
+/// event) followed by `session.status: idle` when no other turn is pending. Returns whether
+/// the session went idle; [`Error::Fenced`] when the lease was lost.
+pub async fn finish(
+    conn: &mut PgConnection,
+    turn: &TurnRow,
+    fence: Fence,
+    outcome: &Outcome,
+    events: &[NewEvent],
+) -> Result<bool> {
     let (status, result, error, usage) = match outcome {
         Outcome::Completed { result, usage } => {
             ("completed", Some(result.as_str()), None, Some(usage))
@@ -357,47 +405,73 @@ pub async fn finish(conn: &mut PgConnection, turn: &TurnRow, outcome: &Outcome) 
         Outcome::Failed { error, usage } => ("failed", None, Some(error.as_str()), usage.as_ref()),
         Outcome::Interrupted { usage } => ("interrupted", None, None, usage.as_ref()),
     };
-    sqlx::query(
-        "update turns set status = $2, result = $3, error = $4, completed_at = now()
-          where turn_id = $1 and status in ('queued', 'running')",
+    let (turns, kinds, payloads) = events::columns(events);
+    let idle_event = serde_json::to_value(EventBody::SessionStatus {
+        status: SessionStatus::Idle,
+    })
+    .map_err(|e| Error::Corrupt(e.to_string()))?;
+    let u = usage.cloned().unwrap_or_default();
+    let idle: Option<bool> = sqlx::query_scalar(
+        "with lease as (
+             select 1 from session_leases l
+              where l.session_id = $1 and l.worker_id = $3 and l.generation = $4
+         ), t as (
+             update turns set status = $5, result = $6, error = $7, completed_at = now()
+              where turn_id = $2 and status in ('queued', 'running') and exists (select 1 from lease)
+          returning turn_id, tenant_id
+         ), usage as (
+             insert into turn_usage (turn_id, session_id, tenant_id, model, input_tokens, output_tokens,
+                                     cache_read_tokens, cache_write_tokens, cost_usd, duration_ms)
+             select t.turn_id, $1, t.tenant_id, $9, $10, $11, $12, $13, $14, $15 from t where $8
+             on conflict (turn_id) do nothing
+         ), pending as (
+             select exists (select 1 from turns where session_id = $1 and turn_id <> $2
+                              and status in ('queued', 'running')) as busy
+         ), s as (
+             update sessions x
+                set status = case when x.status = 'deleted' then 'deleted'
+                                  when pending.busy then 'busy' else 'idle' end,
+                    last_event_seq = x.last_event_seq + $16
+                                     + case when x.status <> 'deleted' and not pending.busy then 1 else 0 end,
+                    updated_at = now(), last_active_at = now()
+               from pending
+              where x.session_id = $1 and exists (select 1 from t)
+          returning x.last_event_seq, x.status = 'idle' as idle
+         ), evs as (
+             select e.turn_id, e.type, e.payload, e.ord
+               from unnest($17::uuid[], $18::text[], $19::jsonb[])
+                    with ordinality as e(turn_id, type, payload, ord)
+             union all
+             select null, 'session.status', $20::jsonb, $16 + 1 from s where s.idle
+         ), i as (
+             insert into session_events (session_id, seq, turn_id, type, payload)
+             select $1, s.last_event_seq - ($16 + case when s.idle then 1 else 0 end) + evs.ord,
+                    evs.turn_id, evs.type, evs.payload
+               from s, evs
+         )
+         select idle from s",
     )
+    .bind(turn.session_id)
     .bind(turn.turn_id)
+    .bind(fence.worker_id)
+    .bind(fence.generation)
     .bind(status)
     .bind(result)
     .bind(error)
-    .execute(&mut *conn)
-    .await?;
-    if let Some(u) = usage {
-        sqlx::query(
-            "insert into turn_usage (turn_id, session_id, tenant_id, model, input_tokens, output_tokens,
-                                     cache_read_tokens, cache_write_tokens, cost_usd, duration_ms)
-             values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             on conflict (turn_id) do nothing",
-        )
-        .bind(turn.turn_id)
-        .bind(turn.session_id)
-        .bind(turn.tenant_id)
-        .bind(&u.model)
-        .bind(u.input_tokens)
-        .bind(u.output_tokens)
-        .bind(u.cache_read_tokens)
-        .bind(u.cache_write_tokens)
-        .bind(u.cost_usd)
-        .bind(u.duration_ms)
-        .execute(&mut *conn)
-        .await?;
-    }
-    let idle: bool = sqlx::query_scalar(
-        "update sessions set status = case when exists (
-                    select 1 from turns where session_id = $1 and status in ('queued', 'running'))
-                 then 'busy' else 'idle' end,
-                updated_at = now(), last_active_at = now()
-          where session_id = $1 and status <> 'deleted'
-          returning status = 'idle'",
-    )
-    .bind(turn.session_id)
+    .bind(usage.is_some())
+    .bind(&u.model)
+    .bind(u.input_tokens)
+    .bind(u.output_tokens)
+    .bind(u.cache_read_tokens)
+    .bind(u.cache_write_tokens)
+    .bind(u.cost_usd)
+    .bind(u.duration_ms)
+    .bind(events.len() as i64)
+    .bind(&turns)
+    .bind(&kinds)
+    .bind(&payloads)
+    .bind(idle_event)
     .fetch_optional(&mut *conn)
-    .await?
-    .unwrap_or(false);
-    Ok(idle)
+    .await?;
+    idle.ok_or(Error::Fenced)
 }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::writer::{DEFAULT_WINDOW, EventWriter};
 use crate::config::Settings;
-use crate::domain::{Provider, SessionId, SessionStatus, WorkerId};
+use crate::domain::{Provider, SessionId, WorkerId};
 use crate::events::{EventBody, NewEvent};
 use crate::provider::claude_code::{ClaudeProcess, transcript};
 use crate::provider::{AgentEvent, SpawnSpec, TurnOutcome};
@@ -280,11 +280,8 @@ impl Actor {
             turn.turn_id,
             DEFAULT_WINDOW,
         );
-        {
-            let mut tx = self.pool.begin().await?;
-            turns::mark_running(&mut tx, turn.turn_id, self.fence).await?;
-            tx.commit().await?;
-        }
+        // The process first (a cold start takes a moment); the turn is marked running with
+        // its `turn.started` event in one statement once the agent can take the prompt.
         let resumed = match self.ensure_process(&mut writer).await {
             Ok(resumed) => resumed,
             Err(error) => {
@@ -299,7 +296,10 @@ impl Actor {
             pid,
             resumed,
         });
-        writer.flush().await?;
+        {
+            let mut conn = self.pool.acquire().await?;
+            turns::start(&mut conn, &turn, self.fence, &writer.take()).await?;
+        }
         let sent = match &self.process {
             Some(p) => p.send_prompt(&turn.prompt).await,
             None => Err(crate::provider::Error::Gone),
@@ -402,7 +402,6 @@ impl Actor {
         turn: &TurnRow,
         outcome: Outcome,
     ) -> Result<(), store::Error> {
-        writer.flush().await?;
         let terminal = match &outcome {
             Outcome::Completed { result, usage } => EventBody::TurnCompleted {
                 result: result.clone(),
@@ -415,16 +414,12 @@ impl Actor {
                 partial_text: writer.text.clone(),
             },
         };
-        let mut tx = self.pool.begin().await?;
-        let idle = turns::finish(&mut tx, turn, &outcome).await?;
-        let mut evs = vec![NewEvent::turn(turn.turn_id, terminal)];
-        if idle {
-            evs.push(NewEvent::session(EventBody::SessionStatus {
-                status: SessionStatus::Idle,
-            }));
+        let mut evs = writer.take();
+        evs.push(NewEvent::turn(turn.turn_id, terminal));
+        {
+            let mut conn = self.pool.acquire().await?;
+            turns::finish(&mut conn, turn, self.fence, &outcome, &evs).await?;
         }
-        store::events::append(&mut tx, self.session, Some(self.fence), &evs).await?;
-        tx.commit().await?;
         let id = turn.turn_id;
         let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
             .into_iter()

@@ -117,18 +117,25 @@ impl EventWriter {
         self.held_since.map(|t| t + self.window)
     }
 
-    /// Writes everything buffered in one transaction. Fails with `Fenced` when the lease
+    /// Writes everything buffered in one statement. Fails with `Fenced` when the lease
     /// was lost.
     pub async fn flush(&mut self) -> store::Result<()> {
         self.release_held();
         if self.ready.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
-        store::events::append(&mut tx, self.session, Some(self.fence), &self.ready).await?;
-        tx.commit().await?;
+        let mut conn = self.pool.acquire().await?;
+        store::events::append(&mut conn, self.session, Some(self.fence), &self.ready).await?;
         self.ready.clear();
         self.last_flush = Some(Instant::now());
         Ok(())
+    }
+
+    /// Takes the buffered events, for a caller that writes them with more (a turn's start
+    /// or end) in one statement.
+    pub fn take(&mut self) -> Vec<NewEvent> {
+        self.release_held();
+        self.last_flush = Some(Instant::now());
+        std::mem::take(&mut self.ready)
     }
 }

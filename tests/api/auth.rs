@@ -187,3 +187,34 @@ async fn insecure_mode_acts_as_the_default_admin_but_still_checks_presented_keys
         .unwrap();
     assert_envelope(response, 401).await;
 }
+
+#[tokio::test]
+async fn a_key_revoked_elsewhere_stops_working_at_once_despite_the_key_cache() {
+    let app = TestApp::spawn().await;
+    let key = app.user_key("acme").await;
+    // Authenticated once: the key is now in this API process's cache.
+    let ok = app.get("/v1/whoami", &key).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    // Revoked by another process (the CLI does exactly this, straight in the database).
+    sqlx::query("update api_keys set revoked_at = now() where key_hash = $1")
+        .bind(&hotplex::auth::hash_key(&key)[..])
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let mut status = 200;
+    for _ in 0..50 {
+        status = app
+            .get("/v1/whoami", &key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if status == 401 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The NOTIFY of the keys trigger empties the cache well before its TTL.
+    assert_eq!(status, 401, "a revoked key still worked after a second");
+}
