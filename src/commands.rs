@@ -313,7 +313,10 @@ pub async fn serve_until_shutdown(
     drain: Duration,
 ) -> anyhow::Result<()> {
     let token = shutdown.token.clone();
-    let server = axum::serve(listener, router)
+    // `into_make_service` hands each connection a clone of the router (an `Arc`); serving the
+    // `Router` itself rebuilds its route table per connection, about 23 KiB held for the
+    // connection's life, which idle SSE subscribers multiply (see docs/benchmarks.md).
+    let server = axum::serve(listener, router.into_make_service())
         .with_graceful_shutdown(async move { token.cancelled().await });
     let deadline = async {
         shutdown.token.cancelled().await;

@@ -26,8 +26,6 @@ use session::{Activity, Actor, Command};
 
 /// Rows an apalis worker claims per fetch; in-flight jobs stay below 4× this (see docs).
 const BATCH: usize = 64;
-/// A wake-up's second tap (see [`retap`]).
-const RETAP: Duration = Duration::from_millis(10);
 /// The fallback poll of each queue, for wake-ups that were still lost.
 const POLL: Duration = Duration::from_secs(1);
 
@@ -119,12 +117,13 @@ impl Worker {
                 .queue(queue.as_str())
                 .batch_size(BATCH)
                 .lock_tasks(false);
-            // LISTEN wake-ups, each tapped twice, plus a 1 s poll (see `retap`).
+            // LISTEN wake-ups plus a 1 s poll for the rare one apalis loses. Shorter polls and
+            // repeated wake-ups were measured and lose more (docs/apalis.md).
             let backend = PostgresStorage::<TurnJob>::new(&pool)
                 .with_config(config)
                 .poll_with_strategy(
                     Strategy::new()
-                        .stream(retap(Pubsub::new(pool.clone(), queue.clone()), RETAP))
+                        .stream(Pubsub::new(pool.clone(), queue.clone()))
                         .interval(POLL),
                 );
             let apalis_worker = WorkerBuilder::new(name.as_str())
@@ -320,37 +319,6 @@ impl Worker {
         };
         let _ = tx.try_send(cmd);
     }
-}
-
-/// apalis drops a wake-up that arrives while a fetch is already running (the fetch started
-/// before the job was committed, finds nothing, and the notification is spent), so such a
-/// job waited for the next poll: about one turn in a hundred, up to the poll interval. Each
-/// wake-up is therefore repeated once `after` it, when that fetch has ended; the cost is
-/// one more (indexed, usually empty) fetch per job.
-fn retap<S>(inner: S, after: Duration) -> impl futures::Stream<Item = ()> + Unpin + Send + 'static
-where
-    S: futures::Stream + Unpin + Send + 'static,
-{
-    use futures::StreamExt;
-    type Again = Option<std::pin::Pin<Box<tokio::time::Sleep>>>;
-    Box::pin(futures::stream::unfold(
-        (inner, None as Again),
-        move |(mut inner, mut again)| async move {
-            let second = async {
-                match again.as_mut() {
-                    Some(sleep) => sleep.as_mut().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                item = inner.next() => {
-                    item?;
-                    Some(((), (inner, Some(Box::pin(tokio::time::sleep(after))))))
-                }
-                () = second => Some(((), (inner, None))),
-            }
-        },
-    ))
 }
 
 async fn handle_job(job: TurnJob, worker: Data<Arc<Worker>>) -> Result<(), BoxDynError> {

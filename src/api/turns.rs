@@ -20,7 +20,6 @@ use crate::app::AppState;
 use crate::auth::Principal;
 use crate::domain::{SessionId, TurnId, WorkerId};
 use crate::events::Usage;
-use crate::store::queue::{self, TurnJob};
 use crate::store::turns::{self, Enqueued, NewTurn, TurnRow};
 use crate::store::{self, sessions};
 
@@ -176,7 +175,6 @@ pub async fn create_turn(
         .min(MAX_WAIT);
     let hash: [u8; 32] = Sha256::digest(req.prompt.as_bytes()).into();
 
-    let mut tx = state.pool.begin().await.map_err(store::Error::from)?;
     let new = NewTurn {
         tenant_id: principal.tenant_id,
         session_id: path.session_id,
@@ -184,7 +182,8 @@ pub async fn create_turn(
         idempotency_key: key.as_deref(),
         request_hash: &hash,
     };
-    let row = match turns::enqueue(&mut tx, &new).await? {
+    // The turn, its events and its queue job are written together, or not at all.
+    let row = match turns::enqueue(&state.pool, &new).await? {
         Enqueued::NoSession => return Err(ApiError::not_found("session not found")),
         Enqueued::KeyReused => {
             return Err(ApiError::conflict(
@@ -192,22 +191,8 @@ pub async fn create_turn(
                 "this Idempotency-Key was already used for a different prompt",
             ));
         }
-        Enqueued::Replayed(row) => row,
-        Enqueued::New { turn, owner } => {
-            queue::push_turn(
-                &mut tx,
-                owner,
-                TurnJob {
-                    session_id: turn.session_id,
-                    turn_id: turn.turn_id,
-                },
-                queue::Push::First,
-            )
-            .await?;
-            turn
-        }
+        Enqueued::Replayed(row) | Enqueued::New { turn: row, .. } => row,
     };
-    tx.commit().await.map_err(store::Error::from)?;
     tracing::info!(session.id = %path.session_id, turn.id = %row.turn_id, turn.seq = row.seq, "turn accepted");
 
     if !query.wait {

@@ -13,9 +13,17 @@ use crate::domain::{SessionId, TurnId, WorkerId};
 /// Queue of sessions that no live worker owns.
 pub const SHARED_QUEUE: &str = "hotplex.turns";
 
+/// Prefix of a worker's own queue; the rest is the worker id.
+pub const WORKER_QUEUE_PREFIX: &str = "hotplex.worker.";
+
 /// A worker's own queue.
 pub fn worker_queue(worker: WorkerId) -> String {
-    format!("hotplex.worker.{worker}")
+    format!("{WORKER_QUEUE_PREFIX}{worker}")
+}
+
+/// The job's bytes as apalis's JSON codec reads them.
+pub fn job_args(job: &TurnJob) -> Result<Vec<u8>> {
+    serde_json::to_vec(job).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
 /// The job's arguments: which turn of which session.
@@ -25,18 +33,19 @@ pub struct TurnJob {
     pub turn_id: TurnId,
 }
 
-/// Why a job is pushed: the first push of a turn carries the turn id as its idempotency key
-/// (unique per queue); later pushes of the same turn (forwarded to the owner, handed back
-/// by a stopping worker) carry none, since a duplicate job only wakes the session's actor.
+/// When a pushed job is due. A turn's first job is written by `turns::enqueue`'s own
+/// statement, with the turn id as idempotency key (unique per queue); the jobs pushed here
+/// (forwarded to the owner, handed back by a stopping worker, retried by a full one) carry
+/// none, since a duplicate job only wakes the session's actor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    First,
+    /// At once.
     Again,
     /// Again, but not before this long (the worker was full).
     Later(std::time::Duration),
 }
 
-/// Pushes the job for a turn inside the caller's transaction.
+/// Pushes a job for a turn inside the caller's transaction.
 pub async fn push_turn(
     conn: &mut PgConnection,
     owner: Option<WorkerId>,
@@ -46,25 +55,22 @@ pub async fn push_turn(
     let queue = owner
         .map(worker_queue)
         .unwrap_or_else(|| SHARED_QUEUE.to_owned());
-    let args = serde_json::to_vec(&job).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let args = job_args(&job)?;
     // Workers only fetch jobs with `run_at < now()` and the insert trigger only wakes them
     // when `run_at <= now()`, by the database's clock; jobs run in `run_at` order. So a job is
     // stamped with the database's time (this host's clock corrected by [`sync_clock`]) one
     // second back: due at once, and first-come first-served to the second.
     let delay = match push {
         Push::Later(d) => d.as_secs().max(1) as i64,
-        Push::First | Push::Again => -1,
+        Push::Again => -1,
     };
     let run_at = (db_now_secs() + delay).max(0) as u64;
     // Agent turns are not idempotent: apalis never retries one by itself (the worker also
     // claims the turn row, since apalis re-enqueues orphans whatever `max_attempts` says).
-    let mut task = TaskBuilder::new(args)
+    let task = TaskBuilder::new(args)
         .max_attempts(1)
-        .run_at_timestamp(run_at);
-    if push == Push::First {
-        task = task.idempotency_key(job.turn_id.to_string());
-    }
-    let task = task.build();
+        .run_at_timestamp(run_at)
+        .build();
     apalis_postgres::queries::push_tasks(conn, &queue, vec![task])
         .await
         .map_err(|e| Error::Queue(e.to_string()))

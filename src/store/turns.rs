@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::{PgConnection, PgExecutor, PgPool};
 
 use super::events::{self, Fence};
+use super::queue;
 use super::{Error, Result};
 use crate::domain::{SessionId, SessionStatus, TenantId, TurnId, WorkerId};
 use crate::events::{EventBody, NewEvent, Usage};
@@ -64,40 +65,48 @@ pub enum Enqueued {
     NoSession,
 }
 
-/// Enqueues a turn inside the caller's transaction (which also pushes the job). Without
-/// an idempotency key this is one statement: it locks the session, takes the next turn and
-/// event seqs, inserts the turn and its events, and finds the session's live owner.
-pub async fn enqueue(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enqueued> {
-    if let Some(key) = new.idempotency_key {
-        // The row lock serializes retries of one key, so only the first one inserts.
-        let live: Option<bool> = sqlx::query_scalar(
-            "select true from sessions where session_id = $1 and tenant_id = $2 and status <> 'deleted' for update",
-        )
-        .bind(new.session_id)
-        .bind(new.tenant_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if live.is_none() {
-            return Ok(Enqueued::NoSession);
-        }
-        let existing: Option<(TurnId, Option<Vec<u8>>)> = sqlx::query_as(
-            "select turn_id, request_hash from turns where session_id = $1 and idempotency_key = $2",
-        )
-        .bind(new.session_id)
-        .bind(key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        if let Some((turn_id, hash)) = existing {
-            if hash.as_deref() != Some(new.request_hash) {
-                return Ok(Enqueued::KeyReused);
-            }
-            let turn = get_any(&mut *conn, turn_id)
-                .await?
-                .ok_or_else(|| Error::Corrupt("turn vanished".into()))?;
-            return Ok(Enqueued::Replayed(turn));
-        }
+/// Enqueues a turn: the turn row, its events and its queue job, atomically. Without an
+/// idempotency key this is one statement (one round trip): it locks the session, takes the
+/// next turn and event seqs, inserts the turn, its events and its apalis job (on the queue
+/// of the session's live owner, else the shared one).
+pub async fn enqueue(pool: &PgPool, new: &NewTurn<'_>) -> Result<Enqueued> {
+    let Some(key) = new.idempotency_key else {
+        let mut conn = pool.acquire().await?;
+        return insert_turn(&mut conn, new).await;
+    };
+    let mut tx = pool.begin().await?;
+    // The row lock serializes retries of one key, so only the first one inserts.
+    let live: Option<bool> = sqlx::query_scalar(
+        "select true from sessions where session_id = $1 and tenant_id = $2 and status <> 'deleted' for update",
+    )
+    .bind(new.session_id)
+    .bind(new.tenant_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if live.is_none() {
+        return Ok(Enqueued::NoSession);
     }
+    let existing: Option<(TurnId, Option<Vec<u8>>)> = sqlx::query_as(
+        "select turn_id, request_hash from turns where session_id = $1 and idempotency_key = $2",
+    )
+    .bind(new.session_id)
+    .bind(key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let outcome = match existing {
+        Some((_, hash)) if hash.as_deref() != Some(new.request_hash) => Enqueued::KeyReused,
+        Some((turn_id, _)) => Enqueued::Replayed(
+            get_any(&mut *tx, turn_id)
+                .await?
+                .ok_or_else(|| Error::Corrupt("turn vanished".into()))?,
+        ),
+        None => insert_turn(&mut tx, new).await?,
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
 
+async fn insert_turn(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enqueued> {
     let turn_id = TurnId::new_random();
     let busy = serde_json::to_value(EventBody::SessionStatus {
         status: SessionStatus::Busy,
@@ -109,6 +118,13 @@ pub async fn enqueue(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enque
         prompt: new.prompt.to_owned(),
     })
     .map_err(|e| Error::Corrupt(e.to_string()))?;
+    let job = queue::job_args(&queue::TurnJob {
+        session_id: new.session_id,
+        turn_id,
+    })?;
+    // The job row is what apalis's own push writes (see `queue::push_turn`): one attempt, the
+    // turn id as idempotency key, a ULID from apalis's own generator; `run_at` defaults to
+    // this transaction's start, so it is due at once by the database's own clock.
     let row = sqlx::query_as::<_, EnqueuedRow>(sqlx::AssertSqlSafe(format!(
         "with s as (
              select session_id, status from sessions
@@ -132,12 +148,18 @@ pub async fn enqueue(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enque
              union all
              select $1, u.event_seq, $3, 'turn.queued', jsonb_set($8::jsonb, '{{turn_seq}}', to_jsonb(u.turn_seq))
                from u
+         ), o as (
+             select (select l.worker_id from session_leases l join workers w using (worker_id)
+                      where l.session_id = $1 and l.expires_at > now() and w.stopped_at is null
+                        and not w.draining) as owner
+         ), j as (
+             insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, priority,
+                                      idempotency_key)
+             select apalis.generate_ulid(),
+                    coalesce($10 || o.owner::text, $11), $9, 'Pending', 0, 1, 0, $3::text
+               from t, o
          )
-         select t.*,
-                (select l.worker_id from session_leases l join workers w using (worker_id)
-                  where l.session_id = $1 and l.expires_at > now() and w.stopped_at is null
-                    and not w.draining) as owner
-           from t"
+         select t.*, o.owner from t, o"
     )))
     .bind(new.session_id)
     .bind(new.tenant_id)
@@ -147,6 +169,9 @@ pub async fn enqueue(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enque
     .bind(new.request_hash)
     .bind(busy)
     .bind(queued)
+    .bind(job)
+    .bind(queue::WORKER_QUEUE_PREFIX)
+    .bind(queue::SHARED_QUEUE)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(match row {

@@ -318,7 +318,7 @@ impl TestApp {
         let token = shutdown.token.clone();
         let router = api::router(state);
         shutdown.tracker.spawn(async move {
-            let _ = axum::serve(listener, router)
+            let _ = axum::serve(listener, router.into_make_service())
                 .with_graceful_shutdown(token.cancelled_owned())
                 .await;
         });
