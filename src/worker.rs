@@ -313,6 +313,7 @@ impl Worker {
             .map(|h| h.tx.clone());
         let Some(tx) = tx else { return };
         let cmd = match action {
+            "work" => Command::Wake,
             "interrupt" => Command::Interrupt,
             "delete" => Command::Delete,
             _ => return,

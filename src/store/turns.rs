@@ -68,7 +68,9 @@ pub enum Enqueued {
 /// Enqueues a turn: the turn row, its events and its queue job, atomically. Without an
 /// idempotency key this is one statement (one round trip): it locks the session, takes the
 /// next turn and event seqs, inserts the turn, its events and its apalis job (on the queue
-/// of the session's live owner, else the shared one).
+/// of the session's live owner, else the shared one), and wakes the owner directly with a
+/// `session_control` NOTIFY `<session>:work`: the job is the durable record, the NOTIFY the
+/// fast path.
 pub async fn enqueue(pool: &PgPool, new: &NewTurn<'_>) -> Result<Enqueued> {
     let Some(key) = new.idempotency_key else {
         let mut conn = pool.acquire().await?;
@@ -159,7 +161,12 @@ async fn insert_turn(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enque
                     coalesce($10 || o.owner::text, $11), $9, 'Pending', 0, 1, 0, $3::text
                from t, o
          )
-         select t.*, o.owner from t, o"
+         select t.*, o.owner,
+                -- A warm session's owner hears of the turn at once (NOTIFY at commit), not
+                -- only when its queue consumer fetches the job.
+                case when o.owner is not null
+                     then (select 1 from pg_notify($12, $1::text || ':work')) end as woken
+           from t, o"
     )))
     .bind(new.session_id)
     .bind(new.tenant_id)
@@ -172,6 +179,7 @@ async fn insert_turn(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enque
     .bind(job)
     .bind(queue::WORKER_QUEUE_PREFIX)
     .bind(queue::SHARED_QUEUE)
+    .bind(crate::events::CONTROL_CHANNEL)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(match row {

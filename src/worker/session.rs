@@ -23,6 +23,9 @@ use crate::store::events::Fence;
 use crate::store::turns::{Outcome, TurnRow};
 use crate::store::{self, leases, sessions, turns};
 
+/// How many finished turn ids an actor remembers (see `Actor::finished`).
+const FINISHED_KEPT: usize = 64;
+
 /// Why a turn fails when its worker stops in the middle of it.
 const WORKER_STOPPED: &str = "the worker stopped during the turn";
 
@@ -34,6 +37,8 @@ pub enum Command {
         turn_id: crate::domain::TurnId,
         done: oneshot::Sender<()>,
     },
+    /// A turn was enqueued for the session (its owner is told before the job arrives).
+    Wake,
     Interrupt,
     Delete,
     /// Stop the process and give the session up (the worker needs the slot); after the
@@ -103,6 +108,9 @@ pub struct Actor {
     deleted: bool,
     evicted: bool,
     activity: Arc<Activity>,
+    /// Turns this actor finished lately: a job that arrives after its turn already ran
+    /// (woken by NOTIFY first) is answered at once.
+    finished: std::collections::VecDeque<crate::domain::TurnId>,
 }
 
 impl Actor {
@@ -132,6 +140,16 @@ impl Actor {
             deleted: false,
             evicted: false,
             activity,
+            finished: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Answers `done` once `turn` has ended (at once if it already has).
+    fn wait_for(&mut self, turn: crate::domain::TurnId, done: oneshot::Sender<()>) {
+        if self.finished.contains(&turn) {
+            let _ = done.send(());
+        } else {
+            self.waiters.push((turn, done));
         }
     }
 
@@ -171,10 +189,10 @@ impl Actor {
             tokio::select! {
                 () = self.token.cancelled() => break,
                 cmd = self.rx.recv() => match cmd {
-                    Some(Command::Work { turn_id, done }) => self.waiters.push((turn_id, done)),
+                    Some(Command::Work { turn_id, done }) => self.wait_for(turn_id, done),
                     Some(Command::Delete) | None => self.deleted = true,
                     Some(Command::Evict) => self.evicted = true,
-                    Some(Command::Interrupt) => {}
+                    Some(Command::Interrupt | Command::Wake) => {}
                 },
                 () = tokio::time::sleep(self.settings.worker.idle_timeout) => {
                     tracing::info!(session.id = %self.session, "idle: stopping the agent process");
@@ -357,7 +375,15 @@ impl Actor {
                 }
                 () = sleep_until_opt(due) => writer.flush().await?,
                 cmd = self.rx.recv() => match cmd {
-                    Some(Command::Work { turn_id, done }) => self.waiters.push((turn_id, done)),
+                    // Field by field: `process` and `w` are borrowed here.
+                    Some(Command::Work { turn_id, done }) => {
+                        if self.finished.contains(&turn_id) {
+                            let _ = done.send(());
+                        } else {
+                            self.waiters.push((turn_id, done));
+                        }
+                    }
+                    Some(Command::Wake) => {}
                     Some(Command::Interrupt) => {
                         if interrupting.is_none() {
                             let _ = process.interrupt().await;
@@ -421,6 +447,10 @@ impl Actor {
             turns::finish(&mut conn, turn, self.fence, &outcome, &evs).await?;
         }
         let id = turn.turn_id;
+        if self.finished.len() == FINISHED_KEPT {
+            self.finished.pop_front();
+        }
+        self.finished.push_back(id);
         let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
             .into_iter()
             .partition(|(t, _)| *t == id);
