@@ -310,6 +310,8 @@ async fn serve_lines<W>(opts: Options, input: mpsc::Receiver<Vec<u8>>, stdout: W
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // Buffered: a burst of deltas goes out in a few writes rather than one per line.
+    let stdout = tokio::io::BufWriter::with_capacity(64 * 1024, stdout);
     let out = Out(Arc::new(Mutex::new(Box::pin(stdout))));
     let (session, seen) = match open_session(&opts).await {
         Ok(found) => found,
@@ -353,11 +355,20 @@ struct Out(Arc<Mutex<Pin<Box<dyn AsyncWrite + Send>>>>);
 
 impl Out {
     async fn send(&self, frame: &Value) -> io::Result<()> {
+        self.write(frame, true).await
+    }
+
+    /// Writes a line, flushed now or left for the next flush (a burst of deltas).
+    async fn write(&self, frame: &Value, flush: bool) -> io::Result<()> {
         let mut line = frame.to_string();
         line.push('\n');
         let mut w = self.0.lock().await;
         w.write_all(line.as_bytes()).await?;
-        w.flush().await
+        if flush { w.flush().await } else { Ok(()) }
+    }
+
+    async fn flush(&self) -> io::Result<()> {
+        self.0.lock().await.flush().await
     }
 }
 
@@ -1003,13 +1014,19 @@ impl Turn {
                     } else {
                         (self.opts.deltas, self.opts.delay)
                     };
+                    // Without a delay the deltas are a burst: written back to back and
+                    // flushed once, as a fast model's output arrives in a pipe.
+                    let burst = delay.is_zero();
                     for chunk in split_chunks(&text, n) {
                         self.pause(delay).await?;
                         self.partial.push_str(chunk);
                         self.call_deltas += 1;
                         let delta = json!({"type": "content_block_delta", "index": index,
                             "delta": {"type": "text_delta", "text": chunk}});
-                        self.stream(delta, None).await?;
+                        self.stream_frame(delta, None, !burst).await?;
+                    }
+                    if burst {
+                        self.out.flush().await?;
                     }
                     json!({"type": "text", "text": text})
                 }
@@ -1354,6 +1371,15 @@ impl Turn {
 
     /// A `stream_event`, only with `--include-partial-messages`.
     async fn stream(&self, event: Value, ttft: Option<Duration>) -> Result<(), Stop> {
+        self.stream_frame(event, ttft, true).await
+    }
+
+    async fn stream_frame(
+        &self,
+        event: Value,
+        ttft: Option<Duration>,
+        flush: bool,
+    ) -> Result<(), Stop> {
         if !self.opts.include_partial_messages {
             return Ok(());
         }
@@ -1365,7 +1391,7 @@ impl Turn {
             let ms = u64::try_from(ttft.as_millis()).unwrap_or(u64::MAX);
             map.insert("ttft_ms".into(), json!(ms));
         }
-        self.emit(&frame).await
+        Ok(self.out.write(&frame, flush).await?)
     }
 
     async fn lifecycle(&self, state: &str) -> Result<(), Stop> {

@@ -338,12 +338,19 @@ fn chart(r: &Report) -> String {
         .flat_map(|s| s.series.iter().map(move |x| (s.name, x)))
         .filter(|(_, x)| !x.samples.is_empty())
         .collect();
+    if series.is_empty() {
+        return "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"480\" height=\"40\">\
+                <text x=\"10\" y=\"25\" font-family=\"sans-serif\">no latency series in this run</text></svg>\n"
+            .into();
+    }
     let (w, h, left, right, top, bottom) = (960.0, 560.0, 70.0, 330.0, 30.0, 50.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let all = series.iter().flat_map(|(_, x)| x.samples.iter().copied());
     let lo = all.clone().fold(f64::INFINITY, f64::min).max(0.01);
     let hi = all.fold(0.0_f64, f64::max).max(lo * 10.0);
-    let (lx0, lx1) = (lo.log10().floor(), hi.log10().ceil());
+    // Whole decades, at least one, so the axis loop below always ends.
+    let lx0 = lo.log10().floor();
+    let lx1 = hi.log10().ceil().max(lx0 + 1.0);
     let x = |ms: f64| left + (ms.max(lo).log10() - lx0) / (lx1 - lx0) * pw;
     let y = |q: f64| top + (1.0 - q) * ph;
     let mut svg = format!(

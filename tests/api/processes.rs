@@ -334,10 +334,18 @@ async fn config_validate_prints_redacted_settings_or_the_error() {
     );
 }
 
-/// Polls a turn until it has ended.
-async fn ended_turn(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
-    for _ in 0..600 {
-        let turn: Value = client
+/// Polls a turn until it has ended (60 s); on timeout the panic shows the turn and the tail
+/// of every process log in `dir`.
+async fn ended_turn(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    id: &str,
+    dir: &Path,
+) -> Value {
+    let mut turn = Value::Null;
+    for _ in 0..1200 {
+        turn = client
             .get(format!("{base}/v1/turns/{id}"))
             .bearer_auth(key)
             .send()
@@ -351,7 +359,20 @@ async fn ended_turn(client: &reqwest::Client, base: &str, key: &str, id: &str) -
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("turn {id} did not end within 30 s");
+    let mut logs = String::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            logs.push_str(&format!("\n--- {}\n", path.display()));
+            for line in tail.into_iter().rev() {
+                logs.push_str(line);
+                logs.push('\n');
+            }
+        }
+    }
+    panic!("turn {id} did not end within 60 s: {turn}{logs}");
 }
 
 #[tokio::test]
@@ -445,7 +466,14 @@ async fn serve_and_worker_processes_share_the_work_and_a_stopped_worker_hands_it
     assert!(status.success(), "{status}");
     assert!(kill(agent, None).is_err(), "the agent outlived its worker");
 
-    let slow = ended_turn(&client, &base, &key, slow["id"].as_str().unwrap()).await;
+    let slow = ended_turn(
+        &client,
+        &base,
+        &key,
+        slow["id"].as_str().unwrap(),
+        dir.path(),
+    )
+    .await;
     assert_eq!(slow["status"], "failed", "{slow}");
     assert_eq!(slow["error"], "the worker stopped during the turn");
     let waiting: Value = client
@@ -466,7 +494,14 @@ async fn serve_and_worker_processes_share_the_work_and_a_stopped_worker_hands_it
     let second = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
     let second_id = second.ready.trim_end_matches(" started").to_owned();
     assert_ne!(first_id, second_id);
-    let done = ended_turn(&client, &base, &key, queued["id"].as_str().unwrap()).await;
+    let done = ended_turn(
+        &client,
+        &base,
+        &key,
+        queued["id"].as_str().unwrap(),
+        dir.path(),
+    )
+    .await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["worker_id"], second_id.as_str(), "{done}");
     let stopped: Option<chrono::DateTime<chrono::Utc>> =
