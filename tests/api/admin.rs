@@ -28,14 +28,7 @@ async fn admins_create_tenants_and_keys_and_revoke_them() {
         .await
         .unwrap();
     assert_envelope(response, 422).await;
-    let tenants: Value = app
-        .get("/v1/admin/tenants", &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tenants: Value = app.get_json("/v1/admin/tenants").await;
     let names: Vec<&str> = tenants["tenants"]
         .as_array()
         .unwrap()
@@ -69,14 +62,7 @@ async fn admins_create_tenants_and_keys_and_revoke_them() {
         .unwrap();
     assert_eq!(me["tenant"], "acme");
 
-    let listed: Value = app
-        .get("/v1/admin/keys?tenant=acme", &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = app.get_json("/v1/admin/keys?tenant=acme").await;
     let keys = listed["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 1);
     assert!(keys[0].get("key").is_none(), "secrets are never listed");

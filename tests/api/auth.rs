@@ -46,14 +46,7 @@ async fn every_v1_route_needs_a_valid_key() {
 #[tokio::test]
 async fn bearer_and_x_api_key_both_work() {
     let app = TestApp::spawn().await;
-    let me: Value = app
-        .get("/v1/whoami", &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = app.get_json("/v1/whoami").await;
     assert_eq!(me["tenant"], "default");
     assert_eq!(me["role"], "admin");
     let response = app

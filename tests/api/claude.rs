@@ -158,16 +158,8 @@ async fn interrupting_the_real_cli_keeps_it_warm_and_queued_turns_go_on() {
     let mut done = Value::Null;
     for _ in 0..300 {
         done = app
-            .get(
-                &format!("/v1/turns/{}", next["id"].as_str().unwrap()),
-                &app.admin_key,
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .get_json(&format!("/v1/turns/{}", next["id"].as_str().unwrap()))
+            .await;
         if done["status"] == "completed" || done["status"] == "failed" {
             break;
         }
@@ -175,16 +167,8 @@ async fn interrupting_the_real_cli_keeps_it_warm_and_queued_turns_go_on() {
     }
     assert_eq!(done["result"], "MOCK-ECHO: after", "{done}");
     let interrupted: Value = app
-        .get(
-            &format!("/v1/turns/{}", slow["id"].as_str().unwrap()),
-            &app.admin_key,
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/turns/{}", slow["id"].as_str().unwrap()))
+        .await;
     assert_eq!(interrupted["status"], "interrupted", "{interrupted}");
     let pids: Vec<Value> = sqlx::query_scalar("select payload->'pid' from session_events where session_id = $1::uuid and type = 'turn.started'")
         .bind(&sid)
@@ -357,27 +341,13 @@ async fn a_restarted_worker_resumes_the_conversation_with_its_context() {
     let sid = app.new_session(&app.admin_key).await;
     let first = run_turn(&app, &sid, "remember the word zebra").await;
     assert_eq!(first["status"], "completed", "{first}");
-    let session: Value = app
-        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
     let pid = session["process"]["pid"].as_i64().expect("a warm process") as i32;
 
     // The worker stops (as on SIGTERM): its agent goes with it.
     app.worker.take().unwrap().stop().await;
     assert!(!alive(pid), "the agent outlived its worker");
-    let session: Value = app
-        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
     assert_eq!(session["process"], Value::Null, "{session}");
 
     // A new worker takes the next turn and resumes the same conversation.
@@ -439,14 +409,7 @@ async fn deleting_a_session_ends_its_process_group_and_escaped_descendants() {
     )
     .await;
     assert_eq!(turn["status"], "completed", "{turn}");
-    let session: Value = app
-        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
     let pid = session["process"]["pid"].as_i64().expect("a warm process") as i32;
     let tag = tag_of(pid);
     let before = family(pid, &tag);

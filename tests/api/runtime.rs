@@ -67,14 +67,7 @@ async fn turns_run_on_a_warm_fake_agent_one_after_the_other() {
         "{kinds:?}"
     );
     assert_eq!(kinds.last().map(String::as_str), Some("session.status"));
-    let session: Value = app
-        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
     assert_eq!(session["process"]["pid"], started[0]["pid"], "{session}");
     assert_eq!(session["status"], "idle");
     let total = first["usage"]["output_tokens"].as_i64().unwrap()
@@ -119,14 +112,7 @@ async fn a_full_worker_evicts_its_least_recently_active_idle_session() {
     assert_eq!(run_turn(&app, &b, "two").await["status"], "completed");
     let gone = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid_a), None).is_err();
     assert!(gone, "the evicted session's agent still runs");
-    let session: Value = app
-        .get(&format!("/v1/sessions/{a}"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = app.get_json(&format!("/v1/sessions/{a}")).await;
     assert_eq!(session["process"], Value::Null, "{session}");
 
     // a comes back: b is evicted in turn, and a's conversation resumes.
@@ -167,16 +153,8 @@ async fn a_full_worker_makes_new_sessions_wait_while_every_slot_runs_a_turn() {
     let waiting = run_turn(&app, &b, "my turn").await;
     assert_eq!(waiting["status"], "completed", "{waiting}");
     let slow: Value = app
-        .get(
-            &format!("/v1/turns/{}", slow["id"].as_str().unwrap()),
-            &app.admin_key,
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/turns/{}", slow["id"].as_str().unwrap()))
+        .await;
     assert_eq!(slow["status"], "completed", "{slow}");
     let slow_end =
         chrono::DateTime::parse_from_rfc3339(slow["completed_at"].as_str().unwrap()).unwrap();
@@ -215,14 +193,7 @@ async fn an_idle_process_is_reaped_and_the_next_turn_resumes_the_conversation() 
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(reaped, "the idle process was not stopped");
-    let session: Value = app
-        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
     assert_eq!(session["process"], Value::Null, "{session}");
     let next = run_turn(&app, &sid, "two").await;
     assert!(

@@ -58,16 +58,8 @@ async fn create_with_defaults_and_with_every_field() {
     assert_eq!(s["permission_mode"], "acceptEdits");
 
     let got: Value = app
-        .get(
-            &format!("/v1/sessions/{}", s["id"].as_str().unwrap()),
-            &app.admin_key,
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/sessions/{}", s["id"].as_str().unwrap()))
+        .await;
     assert_eq!(without_live_fields(got), without_live_fields(s.clone()));
 }
 
@@ -162,14 +154,7 @@ async fn delete_hides_the_session_and_the_external_id_starts_afresh() {
     assert_eq!(response.status(), 204);
     assert_envelope(app.get(&path, &app.admin_key).send().await.unwrap(), 404).await;
     assert_envelope(app.delete(&path, &app.admin_key).send().await.unwrap(), 404).await;
-    let list: Value = app
-        .get("/v1/sessions", &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_json("/v1/sessions").await;
     assert_eq!(list["sessions"], json!([]));
 
     // The deletion is audited.
@@ -237,14 +222,7 @@ async fn list_pages_with_a_cursor_and_filters() {
     created.reverse();
     assert_eq!(seen, created, "newest first, each once");
 
-    let page: Value = app
-        .get("/v1/sessions?provider=opencode", &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/v1/sessions?provider=opencode").await;
     let ids: HashSet<&str> = page["sessions"]
         .as_array()
         .unwrap()
@@ -260,22 +238,8 @@ async fn list_pages_with_a_cursor_and_filters() {
             .all(|s| s["provider"] == "opencode")
     );
 
-    let page: Value = app
-        .get("/v1/sessions?status=busy", &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/v1/sessions?status=busy").await;
     assert_eq!(page["sessions"], json!([]));
-    let page: Value = app
-        .get("/v1/sessions?status=idle", &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json("/v1/sessions?status=idle").await;
     assert_eq!(page["sessions"].as_array().unwrap().len(), 5);
 }

@@ -350,6 +350,17 @@ impl TestApp {
         self.client.delete(self.url(path)).bearer_auth(key)
     }
 
+    /// `GET path` with the admin key; the body as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get(path, &self.admin_key)
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("JSON body")
+    }
+
     /// Creates a default session with `key`; returns its id.
     pub async fn new_session(&self, key: &str) -> String {
         let response = self

@@ -33,35 +33,13 @@ async fn turns_are_queued_in_order_with_a_durable_job() {
         .unwrap();
     assert_eq!(second["seq"], 2);
 
-    let session: Value = app
-        .get(&format!("/v1/sessions/{sid}"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
     assert_eq!(session["status"], "busy");
     let got: Value = app
-        .get(
-            &format!("/v1/turns/{}", first["id"].as_str().unwrap()),
-            &app.admin_key,
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/turns/{}", first["id"].as_str().unwrap()))
+        .await;
     assert_eq!(got["prompt"], "one");
-    let page: Value = app
-        .get(&format!("{path}?limit=1"), &app.admin_key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page: Value = app.get_json(&format!("{path}?limit=1")).await;
     assert_eq!(page["turns"][0]["seq"], 1);
     assert_eq!(page["next_after"], 1);
 
@@ -235,16 +213,8 @@ async fn deleting_a_session_fails_its_pending_turns_visibly() {
         204
     );
     let got: Value = app
-        .get(
-            &format!("/v1/turns/{}", turn["id"].as_str().unwrap()),
-            &app.admin_key,
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .get_json(&format!("/v1/turns/{}", turn["id"].as_str().unwrap()))
+        .await;
     assert_eq!(got["status"], "failed");
     assert_eq!(got["error"], "the session was deleted");
 }
