@@ -54,6 +54,10 @@ fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<ExitCode> {
+    if std::env::args().any(|a| a == scenarios::subscribers::REFERENCE_FLAG) {
+        scenarios::subscribers::reference_server().await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut smoke = false;
     let mut out: Option<PathBuf> = None;
     let mut names: Vec<String> = Vec::new();

@@ -4,7 +4,7 @@ mod overhead;
 mod queue;
 mod sessions;
 mod stream;
-mod subscribers;
+pub mod subscribers;
 mod warm;
 
 use crate::Env;

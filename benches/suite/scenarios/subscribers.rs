@@ -1,8 +1,11 @@
-//! `subscribers`: what an idle SSE subscriber costs one API process.
+//! `subscribers`: what an idle SSE subscriber costs one API process. Reference: the same
+//! number of idle subscribers on a bare axum server whose only route is a silent SSE stream
+//! (this bench binary, re-run as `--reference-sse-server`): the floor of the HTTP stack.
 
 use std::time::Duration;
 
 use futures::future::try_join_all;
+use tokio::io::AsyncBufReadExt;
 
 use crate::Env;
 use crate::report::{Row, Scenario};
@@ -30,7 +33,7 @@ pub async fn run(env: &Env) -> anyhow::Result<Scenario> {
 
     let mut open = Vec::with_capacity(subscribers);
     let indexes: Vec<usize> = (0..subscribers).collect();
-    for chunk in indexes.chunks(250) {
+    for chunk in indexes.chunks(25) {
         let batch = chunk.iter().map(|i| stack.events(&sids[i % sessions], 0));
         open.extend(try_join_all(batch).await?);
     }
@@ -39,26 +42,93 @@ pub async fn run(env: &Env) -> anyhow::Result<Scenario> {
     let per = after.saturating_sub(before) as f64 / subscribers as f64;
     drop(open);
     stack.stop(&env.server).await;
+    let floor = bare_axum(subscribers).await?;
     Ok(Scenario {
         name: "subscribers",
         title: "Idle SSE subscribers",
         method: format!(
             "`hotplex serve` with {sessions} sessions; {subscribers} SSE subscribers (spread \
              over the sessions, each its own HTTP/1.1 connection) are opened and held idle; the \
-             server's RSS before and after, divided by the subscribers."
+             server's RSS before and after, divided by the subscribers. Reference: as many idle \
+             subscribers of a bare axum server (one silent SSE route, no middleware, no \
+             database) measured the same way."
         ),
-        rows: vec![Row::new("RSS per idle subscriber", per, "KiB").at_most(20.0)],
+        rows: vec![
+            Row::new("RSS per idle subscriber", per, "KiB")
+                .reference("bare axum SSE server", floor)
+                .at_most(20.0),
+        ],
         notes: vec![
             format!("Server RSS: {before} KiB before, {after} KiB with {subscribers} subscribers."),
-            "Where it goes (heaptrack, 1,000 subscribers, release build): hyper's HTTP/1 \
-             connection holds an 8 KiB read buffer and an 8 KiB header write buffer for as long \
-             as the stream is open (8 KiB is hyper's minimum, `max_buf_size` ≥ 8192), about \
-             16 KiB of each subscriber; the connection task, the SSE body and the response \
-             headers make up most of the rest. Serving the router per connection used to add \
-             23 KiB more (axum rebuilt the route table for every connection); hotplex now hands \
-             each connection a clone of one router."
+            "Where it goes (heaptrack, 1,000 subscribers, release build, allocations live \
+             while the streams are open): hyper's HTTP/1 connection keeps a 16 KiB read buffer \
+             and an 8 KiB header write buffer as long as the stream is open, then ~1.4 KiB of \
+             connection task and ~0.8 KiB of SSE body. The bare axum server's read buffer stays \
+             at 8 KiB. Why hyper doubles it for hotplex is not established yet (a handler that \
+             awaits before answering does not, on its own). Serving the router per connection \
+             used to add 23 KiB more (axum rebuilt the route table for every connection); \
+             hotplex now hands each connection a clone of one router."
                 .into(),
         ],
         ..Scenario::default()
     })
+}
+
+/// Idle subscribers of a bare axum SSE server: KiB of its RSS per subscriber.
+async fn bare_axum(subscribers: usize) -> anyhow::Result<f64> {
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg(REFERENCE_FLAG)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let addr = lines
+        .next_line()
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the reference server printed no address"))?;
+    let pid = child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("the reference server exited"))?;
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/");
+    drop(client.get(&url).send().await?);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = crate::stack::rss_kib(pid);
+    let mut open = Vec::with_capacity(subscribers);
+    let indexes: Vec<usize> = (0..subscribers).collect();
+    for chunk in indexes.chunks(250) {
+        let batch = chunk.iter().map(|_| client.get(&url).send());
+        open.extend(try_join_all(batch).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = crate::stack::rss_kib(pid);
+    drop(open);
+    let _ = child.kill().await;
+    Ok(after.saturating_sub(before) as f64 / subscribers as f64)
+}
+
+/// The flag that turns this binary into the reference server.
+pub const REFERENCE_FLAG: &str = "--reference-sse-server";
+
+/// The reference server: prints its address, then serves `GET /` as an SSE stream that
+/// never sends an event (keep-alive comments only), until killed.
+pub async fn reference_server() -> anyhow::Result<()> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async {
+            Sse::new(futures::stream::pending::<
+                Result<Event, std::convert::Infallible>,
+            >())
+            .keep_alive(KeepAlive::default())
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    println!("{}", listener.local_addr()?);
+    axum::serve(listener, app.into_make_service()).await?;
+    Ok(())
 }
