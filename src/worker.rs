@@ -185,6 +185,16 @@ impl Worker {
     /// Runs a job: claims the session (or forwards the job to its owner) and waits until the
     /// turn has ended, so the job stays "running" in the queue for as long as the turn does.
     async fn dispatch(self: &Arc<Self>, job: TurnJob) -> Result<(), String> {
+        // A warm session's owner is woken by NOTIFY and often ran the turn before its job
+        // arrives. Without an actor here, a finished turn needs no claim, no lease and no
+        // agent: the job is simply done.
+        if !self.has_actor(job.session_id)
+            && !turns::is_unfinished(&self.pool, job.turn_id)
+                .await
+                .map_err(|e| e.to_string())?
+        {
+            return Ok(());
+        }
         let sender = match self.actor_for(job.session_id).await? {
             Claim::Actor(tx) => tx,
             // Another live worker owns the session: hand it the job.
@@ -226,6 +236,14 @@ impl Worker {
             .await
             .map_err(|e| e.to_string())?;
         tx.commit().await.map_err(|e| e.to_string())
+    }
+
+    fn has_actor(&self, session: SessionId) -> bool {
+        self.actors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&session)
+            .is_some_and(|h| !h.tx.is_closed() && !h.evicting)
     }
 
     /// The actor of a session, started (with a fresh lease) if needed. A worker keeps at

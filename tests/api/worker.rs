@@ -212,3 +212,45 @@ async fn two_workers_share_sessions_and_each_session_stays_on_one_worker_in_orde
     ];
     assert!(used.iter().all(|u| ids.contains(u)), "{used:?}");
 }
+
+#[tokio::test]
+async fn a_warm_sessions_owner_runs_a_turn_on_the_notify_alone() {
+    let app = TestApp::spawn_with_worker(|_| {}).await;
+    let sid = app.new_session(&app.admin_key).await;
+    let turns = format!("/v1/sessions/{sid}/turns?wait=true&timeout=20");
+    let first: Value = app
+        .post(&turns, &app.admin_key)
+        .json(&json!({"prompt": "warm"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["status"], "completed", "{first}");
+    // From here on no job reaches the queue: a trigger drops every insert into it.
+    sqlx::raw_sql(
+        "create function drop_jobs() returns trigger language plpgsql as $$ begin return null; end $$;
+         create trigger drop_jobs before insert on apalis.jobs for each row execute function drop_jobs();",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let second: Value = app
+        .post(&turns, &app.admin_key)
+        .json(&json!({"prompt": "no job"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(second["status"], "completed", "{second}");
+    let jobs: i64 =
+        sqlx::query_scalar("select count(*) from apalis.jobs where idempotency_key = $1")
+            .bind(second["id"].as_str().unwrap())
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(jobs, 0, "the turn ran without a job");
+}
