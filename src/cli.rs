@@ -69,6 +69,17 @@ pub enum Command {
         #[arg(long, default_value_t = 250)]
         delay_ms: u64,
     },
+    /// A mock OpenAI-compatible chat-completions API on 127.0.0.1, for running the real
+    /// OpenCode CLI offline.
+    #[command(hide = true)]
+    MockOpenai {
+        /// Port to bind (0 picks one; the port is printed).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Delay between streamed words, in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        delay_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

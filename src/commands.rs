@@ -76,6 +76,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::mock_llm::anthropic::run_cli(port, options).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::MockOpenai { port, delay_ms } => {
+            let options = crate::mock_llm::openai::MockOptions {
+                delay: Duration::from_millis(delay_ms),
+                ..Default::default()
+            };
+            crate::mock_llm::openai::run_cli(port, options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

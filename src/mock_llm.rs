@@ -2,3 +2,5 @@
 //! tests and benchmarks, pointed at 127.0.0.1 instead of a paid endpoint.
 
 pub mod anthropic;
+mod common;
+pub mod openai;

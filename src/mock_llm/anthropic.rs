@@ -7,26 +7,26 @@
 //! types. Every request except `/_mock/*` is logged for assertions, in memory and optionally
 //! to a JSONL file.
 
-use std::convert::Infallible;
-use std::fs::File;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt as _;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use super::common::{
+    RequestLog, ServerTask, after_each, announce_and_serve, bash_marker, delayed_event_stream,
+    random_hex,
+};
 
 /// The model id reported by `GET /v1/models` and used when a request names none.
 pub const MOCK_MODEL: &str = "mock-model";
@@ -44,17 +44,11 @@ const LOGGED_HEADERS: [&str; 9] = [
     "content-type",
 ];
 
-/// Request bodies that are not JSON are logged as text cut to this many characters.
-const LOGGED_TEXT_CHARS: usize = 2000;
-
 /// `[[slow]]` without a count streams this many deltas.
 const DEFAULT_SLOW_DELTAS: usize = 40;
 
 /// Upper bound for `[[slow:N]]`, so a typo cannot make a response of millions of events.
 const MAX_SLOW_DELTAS: usize = 10_000;
-
-/// How long `shutdown` waits for open connections before giving up on them.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Knobs of the mock. The defaults match the documented behaviour.
 #[derive(Debug, Clone)]
@@ -82,15 +76,14 @@ impl Default for MockOptions {
 
 /// A running mock. Dropping it stops the server; [`MockServer::shutdown`] also waits for it.
 pub struct MockServer {
-    addr: SocketAddr,
     shared: Arc<Shared>,
-    task: Option<JoinHandle<io::Result<()>>>,
+    server: ServerTask,
 }
 
 impl std::fmt::Debug for MockServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MockServer")
-            .field("addr", &self.addr)
+            .field("addr", &self.server.addr())
             .finish_non_exhaustive()
     }
 }
@@ -98,53 +91,27 @@ impl std::fmt::Debug for MockServer {
 impl MockServer {
     /// The address the server listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// The value for `ANTHROPIC_BASE_URL`, e.g. `http://127.0.0.1:41234`.
     pub fn base_url(&self) -> String {
-        if self.addr.ip().is_unspecified() || self.addr.ip().is_loopback() && self.addr.is_ipv4() {
-            format!("http://127.0.0.1:{}", self.addr.port())
-        } else {
-            format!("http://{}", self.addr)
-        }
+        self.server.base_url()
     }
 
     /// Every logged request so far, oldest first (the body of `GET /_mock/requests`).
     pub fn requests(&self) -> Vec<Value> {
-        self.shared.requests()
+        self.shared.log.entries()
     }
 
     /// Clears the in-memory request log (the JSONL mirror is kept).
     pub fn reset(&self) {
-        self.shared.reset();
+        self.shared.log.clear();
     }
 
     /// Stops accepting, ends open streams and waits (bounded) for the server task.
-    pub async fn shutdown(mut self) -> io::Result<()> {
-        self.shared.token.cancel();
-        let Some(task) = self.task.take() else {
-            return Ok(());
-        };
-        match tokio::time::timeout(SHUTDOWN_GRACE, task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(io::Error::other(join)),
-            Err(_elapsed) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "mock server did not stop in time",
-            )),
-        }
-    }
-}
-
-impl Drop for MockServer {
-    fn drop(&mut self) {
-        // Cancelling ends the streams and makes every connection close gracefully; the
-        // abort covers the accept loop, which nobody will join any more.
-        self.shared.token.cancel();
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
+    pub async fn shutdown(self) -> io::Result<()> {
+        self.server.shutdown().await
     }
 }
 
@@ -152,17 +119,9 @@ impl Drop for MockServer {
 ///
 /// Fails only when the listener has no local address or the log file cannot be opened.
 pub async fn start(listener: TcpListener, options: MockOptions) -> io::Result<MockServer> {
-    let addr = listener.local_addr()?;
-    let log_file = match &options.log_file {
-        Some(path) => Some(Mutex::new(
-            File::options().create(true).append(true).open(path)?,
-        )),
-        None => None,
-    };
     let shared = Arc::new(Shared {
+        log: RequestLog::open(options.log_file.as_deref())?,
         options,
-        log: Mutex::new(Vec::new()),
-        log_file,
         token: CancellationToken::new(),
     });
     let router = Router::new()
@@ -171,100 +130,23 @@ pub async fn start(listener: TcpListener, options: MockOptions) -> io::Result<Mo
         // too small for long sessions.
         .layer(DefaultBodyLimit::disable())
         .with_state(shared.clone());
-    let signal = shared.token.clone().cancelled_owned();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(signal)
-            .await
-    });
-    Ok(MockServer {
-        addr,
-        shared,
-        task: Some(task),
-    })
+    let server = ServerTask::spawn(listener, router, shared.token.clone())?;
+    Ok(MockServer { shared, server })
 }
 
 /// The `mock-anthropic` subcommand: binds 127.0.0.1:`port` (0 picks one), prints
 /// `MOCK-ANTHROPIC LISTENING <port>` on stdout and serves until Ctrl-C.
 pub async fn run_cli(port: u16, options: MockOptions) -> io::Result<()> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
-    let server = start(listener, options).await?;
-    {
-        let mut stdout = io::stdout().lock();
-        writeln!(stdout, "MOCK-ANTHROPIC LISTENING {}", server.addr().port())?;
-        stdout.flush()?;
-    }
-    tokio::signal::ctrl_c().await?;
-    server.shutdown().await
+    let MockServer { server, .. } = start(listener, options).await?;
+    announce_and_serve("MOCK-ANTHROPIC", server).await
 }
 
 /// State shared by the handler and the [`MockServer`] handle.
 struct Shared {
     options: MockOptions,
-    log: Mutex<Vec<Value>>,
-    log_file: Option<Mutex<File>>,
+    log: RequestLog,
     token: CancellationToken,
-}
-
-impl Shared {
-    fn requests(&self) -> Vec<Value> {
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn reset(&self) {
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-    }
-
-    fn record(&self, method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) {
-        let entry = log_entry(method, uri, headers, body);
-        if let Some(file) = &self.log_file {
-            // A small blocking append: fine for a test double, and it keeps the file in
-            // request order.
-            let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Err(err) = writeln!(file, "{entry}") {
-                tracing::warn!(error = %err, "mock could not append to its request log file");
-            }
-        }
-        self.log
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(entry);
-    }
-}
-
-fn log_entry(method: &Method, uri: &Uri, headers: &HeaderMap, body: &Bytes) -> Value {
-    // A string, not float seconds: it survives a JSON round trip exactly.
-    let t = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let logged: serde_json::Map<String, Value> = LOGGED_HEADERS
-        .iter()
-        .filter_map(|name| {
-            let value = headers.get(*name)?;
-            Some((
-                (*name).to_owned(),
-                Value::String(String::from_utf8_lossy(value.as_bytes()).into_owned()),
-            ))
-        })
-        .collect();
-    let body = if body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(body).unwrap_or_else(|_| {
-            Value::String(
-                String::from_utf8_lossy(body)
-                    .chars()
-                    .take(LOGGED_TEXT_CHARS)
-                    .collect(),
-            )
-        })
-    };
-    json!({"t": t, "method": method.as_str(), "path": path, "headers": logged, "body": body})
 }
 
 /// The one handler: dispatching by hand keeps "anything else, any method → 200 {}" simple,
@@ -279,7 +161,9 @@ async fn handle(
     let path = uri.path();
     let internal = path == "/_mock" || path.starts_with("/_mock/");
     if !internal {
-        shared.record(&method, &uri, &headers, &body);
+        shared
+            .log
+            .record(&LOGGED_HEADERS, &method, &uri, &headers, &body);
     }
     tracing::debug!(http.method = %method, http.path = %uri, "mock request");
     let mut response = match (method.as_str(), path) {
@@ -287,9 +171,9 @@ async fn handle(
         ("POST", "/v1/messages") => create_message(&shared, &body),
         ("POST", "/v1/messages/count_tokens") => count_tokens(&body),
         ("GET", "/v1/models") => list_models(),
-        ("GET", "/_mock/requests") => Json(shared.requests()).into_response(),
+        ("GET", "/_mock/requests") => Json(shared.log.entries()).into_response(),
         ("POST", "/_mock/reset") => {
-            shared.reset();
+            shared.log.clear();
             Json(json!({"ok": true})).into_response()
         }
         ("GET", "/_mock/health") => Json(json!({"ok": true})).into_response(),
@@ -530,13 +414,6 @@ fn tool_result_text(block: &Value) -> String {
     }
 }
 
-/// The text after each occurrence of `prefix` in `prompt`.
-fn after_each<'a>(prompt: &'a str, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    prompt
-        .match_indices(prefix)
-        .filter_map(move |(at, _)| prompt.get(at + prefix.len()..))
-}
-
 /// `[[error:CODE]]` with CODE in 200..=599 (anything else is not treated as a marker).
 fn error_marker(prompt: &str) -> Option<StatusCode> {
     after_each(prompt, "[[error:").find_map(|rest| {
@@ -568,30 +445,6 @@ fn tool_marker(prompt: &str) -> Option<(String, Value)> {
         let input = values.next()?.ok()?;
         let tail = json_text.get(values.byte_offset()..)?;
         (input.is_object() && tail.trim_start().starts_with("]]")).then(|| (name.to_owned(), input))
-    })
-}
-
-/// `[[bash:CMD]]`. Nested `[[ … ]]` pairs stay in CMD, so `[[bash:[[ -f x ]] && ls]]` works.
-fn bash_marker(prompt: &str) -> Option<String> {
-    after_each(prompt, "[[bash:").find_map(|rest| {
-        let mut depth = 0usize;
-        let mut i = 0;
-        while let Some(tail) = rest.get(i..) {
-            if tail.starts_with("[[") {
-                depth += 1;
-                i += 2;
-            } else if tail.starts_with("]]") {
-                if depth == 0 {
-                    let command = rest.get(..i)?.trim();
-                    return (!command.is_empty()).then(|| command.to_owned());
-                }
-                depth -= 1;
-                i += 2;
-            } else {
-                i += tail.chars().next()?.len_utf8();
-            }
-        }
-        None
     })
 }
 
@@ -774,35 +627,16 @@ fn sse_events(
     events
 }
 
-/// Streams the events, one body chunk each. A client that hangs up drops the body, which
-/// drops this stream mid-sleep: the stream simply stops. Shutdown ends it too.
+/// Streams the events, one body chunk each.
 fn stream_reply(shared: &Shared, reply: &Reply, id: &str, model: &str) -> Response {
-    let events = sse_events(&shared.options, reply, id, model);
-    let stream = futures::stream::iter(events)
-        .then(|(delay, chunk)| async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            Ok::<_, Infallible>(chunk)
-        })
-        .take_until(shared.token.clone().cancelled_owned());
-    (
-        [
-            (CONTENT_TYPE, "text/event-stream; charset=utf-8"),
-            (CACHE_CONTROL, "no-cache"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response()
-}
-
-fn random_hex() -> String {
-    hex::encode(rand::random::<[u8; 12]>())
+    delayed_event_stream(sse_events(&shared.options, reply, id, model), &shared.token)
 }
 
 #[cfg(test)]
 mod tests {
     use std::time::Instant;
+
+    use axum::http::header::{CACHE_CONTROL, CONTENT_TYPE};
 
     use super::*;
 
