@@ -61,13 +61,14 @@ pub async fn run(env: &Env) -> anyhow::Result<Scenario> {
         notes: vec![
             format!("Server RSS: {before} KiB before, {after} KiB with {subscribers} subscribers."),
             "Where it goes (heaptrack, 1,000 subscribers, release build, allocations live \
-             while the streams are open): hyper's HTTP/1 connection keeps a 16 KiB read buffer \
-             and an 8 KiB header write buffer as long as the stream is open, then ~1.4 KiB of \
-             connection task and ~0.8 KiB of SSE body. The bare axum server's read buffer stays \
-             at 8 KiB. Why hyper doubles it for hotplex is not established yet (a handler that \
-             awaits before answering does not, on its own). Serving the router per connection \
-             used to add 23 KiB more (axum rebuilt the route table for every connection); \
-             hotplex now hands each connection a clone of one router."
+             while the streams are open): hyper allocates the same for hotplex and for the bare \
+             server, a 16 KiB read buffer, an 8 KiB header buffer and ~1.4 KiB of task per \
+             connection, of which only the touched pages are resident; hotplex adds ~1.9 KiB \
+             (the SSE body and the response headers). The rest of the gap is page residency: \
+             jemalloc and mimalloc (LD_PRELOAD) did not close it (27.6 and 23.7 KiB against \
+             24.2 with glibc, 3,000 subscribers). Serving the router per connection used to \
+             add 23 KiB more (axum rebuilt the route table for every connection); hotplex now \
+             hands each connection a clone of one router."
                 .into(),
         ],
         ..Scenario::default()
