@@ -6,6 +6,7 @@
 //! the group. Every child therefore carries a random tag in its environment, which its
 //! descendants inherit, and stopping also signals every process that carries the tag.
 
+use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -72,7 +73,9 @@ impl GroupChild {
     /// The group is killed even when the leader is already gone, so grandchildren (a tool's
     /// shell, a dev server) never outlive their session.
     pub async fn stop(&mut self, grace: Duration) -> Option<i32> {
-        self.signal_all(Signal::SIGTERM);
+        let terminated = std::time::Instant::now();
+        let recent = terminated.checked_sub(SCAN_TTL).unwrap_or(terminated);
+        self.signal_all(Signal::SIGTERM, recent);
         let code = match tokio::time::timeout(grace, self.child.wait()).await {
             Ok(status) => status.ok().and_then(|s| s.code()),
             Err(_) => {
@@ -83,44 +86,85 @@ impl GroupChild {
                 None
             }
         };
-        self.signal_all(Signal::SIGKILL);
+        // The last word: a scan made after SIGTERM went out (another stop's will do).
+        self.signal_all(Signal::SIGKILL, terminated);
         let _ = self.child.wait().await;
         code
     }
 
-    /// Signals the group and every process carrying the tag.
-    fn signal_all(&self, signal: Signal) {
+    /// Signals the group and every process carrying the tag, as found by a scan of `/proc`
+    /// made at `scanned_after` or later.
+    fn signal_all(&self, signal: Signal, scanned_after: std::time::Instant) {
         let _ = killpg(self.pgid, signal);
-        for pid in tagged(&self.tag) {
+        for pid in tagged(&self.tag, scanned_after) {
             let _ = nix::sys::signal::kill(pid, signal);
         }
     }
 }
 
-/// Processes whose environment holds `tag` (`NAME=value`). Processes we may not read (other
-/// users') cannot carry a tag of ours and are skipped.
-fn tagged(tag: &str) -> Vec<Pid> {
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+/// How old a scan of `/proc` may be for a SIGTERM: a worker stopping hundreds of sessions at
+/// once then reads each process's environment a few times, not once per session.
+const SCAN_TTL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The pids carrying each tag value.
+type Tags = HashMap<String, Vec<Pid>>;
+
+/// The last scan: when, and what it found.
+static LAST_SCAN: std::sync::Mutex<Option<(std::time::Instant, Tags)>> =
+    std::sync::Mutex::new(None);
+
+/// Processes whose environment holds `tag` (`NAME=value`), from a scan made at
+/// `scanned_after` or later (one is made if the last is older). Processes we may not read
+/// (other users') cannot carry a tag of ours and are skipped.
+fn tagged(tag: &str, scanned_after: std::time::Instant) -> Vec<Pid> {
+    let Some(value) = tag.strip_prefix(TAG_VAR).and_then(|t| t.strip_prefix('=')) else {
         return Vec::new();
     };
-    let needle = tag.as_bytes();
-    dir.flatten()
+    // Held during a scan, so callers that arrive meanwhile use its result.
+    let mut last = LAST_SCAN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.as_ref().is_none_or(|(at, _)| *at < scanned_after) {
+        *last = Some((std::time::Instant::now(), scan_tags()));
+    }
+    last.as_ref()
+        .and_then(|(_, tags)| tags.get(value).cloned())
+        .unwrap_or_default()
+}
+
+/// Every process (but this one) that carries a tag, by tag value.
+fn scan_tags() -> Tags {
+    let me = std::process::id();
+    let mut tags = Tags::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return tags;
+    };
+    let prefix = format!("{TAG_VAR}=");
+    for pid in dir
+        .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != me)
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == needle))
-        })
-        .map(|pid| Pid::from_raw(pid as i32))
-        .collect()
+    {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if let Some(value) = env
+            .split(|b| *b == 0)
+            .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
+        {
+            tags.entry(String::from_utf8_lossy(value).into_owned())
+                .or_default()
+                .push(Pid::from_raw(pid as i32));
+        }
+    }
+    tags
 }
 
 impl Drop for GroupChild {
     fn drop(&mut self) {
         // Backstop for paths that skip `stop`: nothing of the group survives its owner.
         if matches!(self.child.try_wait(), Ok(None)) {
-            self.signal_all(Signal::SIGKILL);
+            self.signal_all(Signal::SIGKILL, std::time::Instant::now());
         }
     }
 }
@@ -169,38 +213,59 @@ mod tests {
         assert!(!alive(grandchild), "grandchild survived");
     }
 
-    #[tokio::test]
-    async fn stop_ends_descendants_that_left_the_group() {
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("escaped.pid");
+    /// A child whose own child escapes into a session of its own (`setsid`), as a tool's
+    /// `nohup server &` does; returns the child and the escaped process's pid.
+    async fn with_escaped_descendant(dir: &std::path::Path) -> (GroupChild, i32) {
+        let pidfile = dir.join(format!("escaped-{}.pid", uuid::Uuid::new_v4()));
         let mut cmd = Command::new("sh");
-        // What a tool's `nohup server &` under `setsid` looks like: a new session and group.
         cmd.arg("-c").arg(format!(
             "setsid sh -c 'echo $$ > {}; exec sleep 60' </dev/null >/dev/null 2>&1 & sleep 60",
             pidfile.display()
         ));
-        let mut child = GroupChild::spawn(cmd).unwrap();
-        let mut escaped = None;
+        let child = GroupChild::spawn(cmd).unwrap();
         for _ in 0..100 {
             if let Some(pid) = std::fs::read_to_string(&pidfile)
                 .ok()
                 .and_then(|s| s.trim().parse::<i32>().ok())
             {
-                escaped = Some(pid);
-                break;
+                let pgid = nix::unistd::getpgid(Some(Pid::from_raw(pid))).unwrap();
+                assert_ne!(pgid.as_raw() as u32, child.pid(), "it left the group");
+                return (child, pid);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let escaped = escaped.expect("the escaping process started");
-        let pgid = nix::unistd::getpgid(Some(Pid::from_raw(escaped))).unwrap();
-        assert_ne!(pgid.as_raw() as u32, child.pid(), "it left the group");
-        child.stop(Duration::from_millis(300)).await;
+        panic!("the escaping process did not start");
+    }
+
+    async fn gone(pid: i32) -> bool {
         for _ in 0..50 {
-            if !alive(escaped) {
-                break;
+            if !alive(pid) {
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(!alive(escaped), "a tagged descendant survived");
+        false
+    }
+
+    #[tokio::test]
+    async fn stop_ends_descendants_that_left_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, escaped) = with_escaped_descendant(dir.path()).await;
+        child.stop(Duration::from_millis(300)).await;
+        assert!(gone(escaped).await, "a tagged descendant survived");
+    }
+
+    #[tokio::test]
+    async fn stops_at_the_same_time_share_a_scan_and_each_finds_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, escaped_a) = with_escaped_descendant(dir.path()).await;
+        let (mut b, escaped_b) = with_escaped_descendant(dir.path()).await;
+        // Stopping `a` leaves `b` and its descendant alone.
+        a.stop(Duration::from_millis(200)).await;
+        assert!(gone(escaped_a).await, "a's descendant survived");
+        assert!(alive(escaped_b), "b's descendant was killed by a's stop");
+        // Within the scan's lifetime or not, `b` finds its own.
+        b.stop(Duration::from_millis(200)).await;
+        assert!(gone(escaped_b).await, "b's descendant survived");
     }
 }
