@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
@@ -190,6 +190,56 @@ impl Drop for ServerTask {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// A running mock (either API). Dropping it stops the server; [`MockServer::shutdown`] also
+/// waits for it.
+pub struct MockServer {
+    log: Arc<RequestLog>,
+    server: ServerTask,
+}
+
+impl std::fmt::Debug for MockServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockServer")
+            .field("addr", &self.server.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MockServer {
+    pub(crate) fn new(log: Arc<RequestLog>, server: ServerTask) -> Self {
+        Self { log, server }
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// The server's root, e.g. `http://127.0.0.1:41234`.
+    pub fn base_url(&self) -> String {
+        self.server.base_url()
+    }
+
+    /// Every logged request so far, oldest first (the body of `GET /_mock/requests`).
+    pub fn requests(&self) -> Vec<Value> {
+        self.log.entries()
+    }
+
+    /// Clears the in-memory request log (the JSONL mirror is kept).
+    pub fn reset(&self) {
+        self.log.clear();
+    }
+
+    /// Stops accepting, ends open streams and waits (bounded) for the server task.
+    pub async fn shutdown(self) -> io::Result<()> {
+        self.server.shutdown().await
+    }
+
+    pub(crate) fn into_server(self) -> ServerTask {
+        self.server
     }
 }
 

@@ -8,7 +8,7 @@
 //! `/_mock/*` and `/health` is logged for assertions, in memory and optionally to a JSONL file.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use super::common::MockServer;
 use super::common::{
     RequestLog, ServerTask, announce_and_serve, bash_marker, delayed_event_stream, random_hex,
 };
@@ -69,54 +70,12 @@ impl Default for MockOptions {
     }
 }
 
-/// A running mock. Dropping it stops the server; [`MockServer::shutdown`] also waits for it.
-pub struct MockServer {
-    shared: Arc<Shared>,
-    server: ServerTask,
-}
-
-impl std::fmt::Debug for MockServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MockServer")
-            .field("addr", &self.server.addr())
-            .finish_non_exhaustive()
-    }
-}
-
-impl MockServer {
-    /// The address the server listens on.
-    pub fn addr(&self) -> SocketAddr {
-        self.server.addr()
-    }
-
-    /// The server's root, e.g. `http://127.0.0.1:41234`; a provider's `baseURL` is this plus
-    /// `/v1`.
-    pub fn base_url(&self) -> String {
-        self.server.base_url()
-    }
-
-    /// Every logged request so far, oldest first (the body of `GET /_mock/requests`).
-    pub fn requests(&self) -> Vec<Value> {
-        self.shared.log.entries()
-    }
-
-    /// Clears the in-memory request log (the JSONL mirror is kept).
-    pub fn reset(&self) {
-        self.shared.log.clear();
-    }
-
-    /// Stops accepting, ends open streams and waits (bounded) for the server task.
-    pub async fn shutdown(self) -> io::Result<()> {
-        self.server.shutdown().await
-    }
-}
-
 /// Serves the mock on `listener` in a task owned by the returned handle.
 ///
 /// Fails only when the listener has no local address or the log file cannot be opened.
 pub async fn start(listener: TcpListener, options: MockOptions) -> io::Result<MockServer> {
     let shared = Arc::new(Shared {
-        log: RequestLog::open(options.log_file.as_deref())?,
+        log: Arc::new(RequestLog::open(options.log_file.as_deref())?),
         options,
         token: CancellationToken::new(),
     });
@@ -127,21 +86,21 @@ pub async fn start(listener: TcpListener, options: MockOptions) -> io::Result<Mo
         .layer(DefaultBodyLimit::disable())
         .with_state(shared.clone());
     let server = ServerTask::spawn(listener, router, shared.token.clone())?;
-    Ok(MockServer { shared, server })
+    Ok(MockServer::new(shared.log.clone(), server))
 }
 
 /// The `mock-openai` subcommand: binds 127.0.0.1:`port` (0 picks one), prints
 /// `MOCK-OPENAI LISTENING <port>` on stdout and serves until Ctrl-C.
 pub async fn run_cli(port: u16, options: MockOptions) -> io::Result<()> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await?;
-    let MockServer { server, .. } = start(listener, options).await?;
+    let server = start(listener, options).await?.into_server();
     announce_and_serve("MOCK-OPENAI", server).await
 }
 
 /// State shared by the handler and the [`MockServer`] handle.
 struct Shared {
     options: MockOptions,
-    log: RequestLog,
+    log: Arc<RequestLog>,
     token: CancellationToken,
 }
 
