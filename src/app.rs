@@ -64,19 +64,6 @@ impl AppState {
             },
             shutdown.token.child_token(),
         ));
-        let (clock_pool, token) = (pool.clone(), shutdown.token.clone());
-        shutdown.tracker.spawn(async move {
-            // Jobs are stamped with the database's clock; keep our idea of it fresh.
-            loop {
-                if let Err(e) = crate::store::queue::sync_clock(&clock_pool).await {
-                    tracing::debug!(error = %e, "reading the database clock failed");
-                }
-                tokio::select! {
-                    () = token.cancelled() => break,
-                    () = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
-                }
-            }
-        });
         Self::new(App {
             pool,
             settings,

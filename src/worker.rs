@@ -90,7 +90,6 @@ impl Worker {
             settings.worker.capacity,
         )
         .await?;
-        queue::sync_clock(&pool).await?;
         let worker = Arc::new(Self {
             id,
             pool: pool.clone(),
@@ -154,7 +153,6 @@ impl Worker {
                 () = tokio::time::sleep(period) => {}
             }
             let _ = store::workers::heartbeat(&self.pool, self.id).await;
-            let _ = queue::sync_clock(&self.pool).await;
             let _ = leases::renew_all(&self.pool, self.id, self.settings.worker.lease_ttl).await;
         }
     }

@@ -57,14 +57,17 @@ pub async fn push_turn(
         .unwrap_or_else(|| SHARED_QUEUE.to_owned());
     let args = job_args(&job)?;
     // Workers only fetch jobs with `run_at < now()` and the insert trigger only wakes them
-    // when `run_at <= now()`, by the database's clock; jobs run in `run_at` order. So a job is
-    // stamped with the database's time (this host's clock corrected by [`sync_clock`]) one
-    // second back: due at once, and first-come first-served to the second.
-    let delay = match push {
-        Push::Later(d) => d.as_secs().max(1) as i64,
-        Push::Again => -1,
+    // when `run_at <= now()`, by the database's clock. A job pushed again belongs to a turn
+    // accepted earlier, so the epoch (due at once, first in `run_at` order) is right whatever
+    // the clocks say; a delay uses this host's clock, which skew at worst shifts a little.
+    let run_at = match push {
+        Push::Later(d) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |now| {
+                (now + d.max(std::time::Duration::from_secs(1))).as_secs()
+            }),
+        Push::Again => 0,
     };
-    let run_at = (db_now_secs() + delay).max(0) as u64;
     // Agent turns are not idempotent: apalis never retries one by itself (the worker also
     // claims the turn row, since apalis re-enqueues orphans whatever `max_attempts` says).
     let task = TaskBuilder::new(args)
@@ -74,32 +77,6 @@ pub async fn push_turn(
     apalis_postgres::queries::push_tasks(conn, &queue, vec![task])
         .await
         .map_err(|e| Error::Queue(e.to_string()))
-}
-
-/// The database clock minus this host's, in milliseconds (see [`sync_clock`]).
-static CLOCK_OFFSET_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
-
-/// Measures how far the database's clock is from this host's, for stamping jobs without a
-/// round trip. Called when a process starts and by the worker's heartbeat.
-pub async fn sync_clock(db: impl sqlx::PgExecutor<'_>) -> Result<()> {
-    let before = unix_ms();
-    let db_ms: i64 =
-        sqlx::query_scalar("select (extract(epoch from clock_timestamp()) * 1000)::bigint")
-            .fetch_one(db)
-            .await?;
-    let local = (before + unix_ms()) / 2;
-    CLOCK_OFFSET_MS.store(db_ms - local, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
-
-fn db_now_secs() -> i64 {
-    (unix_ms() + CLOCK_OFFSET_MS.load(std::sync::atomic::Ordering::Relaxed)).div_euclid(1000)
 }
 
 /// The apalis worker names of a hotplex worker, one per queue it consumes.
