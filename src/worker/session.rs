@@ -23,8 +23,49 @@ use crate::store::events::Fence;
 use crate::store::turns::{Outcome, TurnRow};
 use crate::store::{self, leases, sessions, turns};
 
-/// How many finished turn ids an actor remembers (see `Actor::finished`).
+/// How many finished turn ids an actor remembers (see [`Waiters`]).
 const FINISHED_KEPT: usize = 64;
+
+/// Job handlers waiting for their turn to end, and the turns that ended lately: a job that
+/// arrives after its turn already ran (woken by NOTIFY first) is answered at once.
+#[derive(Default)]
+struct Waiters {
+    pending: Vec<(crate::domain::TurnId, oneshot::Sender<()>)>,
+    finished: std::collections::VecDeque<crate::domain::TurnId>,
+}
+
+impl Waiters {
+    /// Answers `done` once `turn` has ended (at once if it already has).
+    fn wait_for(&mut self, turn: crate::domain::TurnId, done: oneshot::Sender<()>) {
+        if self.finished.contains(&turn) {
+            let _ = done.send(());
+        } else {
+            self.pending.push((turn, done));
+        }
+    }
+
+    /// `turn` ended: its waiters are answered.
+    fn ended(&mut self, turn: crate::domain::TurnId) {
+        if self.finished.len() == FINISHED_KEPT {
+            self.finished.pop_front();
+        }
+        self.finished.push_back(turn);
+        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(t, _)| *t == turn);
+        self.pending = keep;
+        for (_, tx) in done {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Answers every waiter (nothing is pending any more, or the actor stops).
+    fn release_all(&mut self) {
+        for (_, done) in self.pending.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}
 
 /// Why a turn fails when its worker stops in the middle of it.
 const WORKER_STOPPED: &str = "the worker stopped during the turn";
@@ -104,13 +145,10 @@ pub struct Actor {
     pub token: CancellationToken,
     pub rx: mpsc::Receiver<Command>,
     process: Option<ClaudeProcess>,
-    waiters: Vec<(crate::domain::TurnId, oneshot::Sender<()>)>,
+    waiters: Waiters,
     deleted: bool,
     evicted: bool,
     activity: Arc<Activity>,
-    /// Turns this actor finished lately: a job that arrives after its turn already ran
-    /// (woken by NOTIFY first) is answered at once.
-    finished: std::collections::VecDeque<crate::domain::TurnId>,
 }
 
 impl Actor {
@@ -136,20 +174,10 @@ impl Actor {
             token,
             rx,
             process: None,
-            waiters: Vec::new(),
+            waiters: Waiters::default(),
             deleted: false,
             evicted: false,
             activity,
-            finished: std::collections::VecDeque::new(),
-        }
-    }
-
-    /// Answers `done` once `turn` has ended (at once if it already has).
-    fn wait_for(&mut self, turn: crate::domain::TurnId, done: oneshot::Sender<()>) {
-        if self.finished.contains(&turn) {
-            let _ = done.send(());
-        } else {
-            self.waiters.push((turn, done));
         }
     }
 
@@ -176,9 +204,7 @@ impl Actor {
                     continue;
                 }
                 Ok(None) => {
-                    for (_, done) in self.waiters.drain(..) {
-                        let _ = done.send(());
-                    }
+                    self.waiters.release_all();
                 }
                 Err(e) => {
                     tracing::warn!(session.id = %self.session, error = %e, "reading pending turns failed");
@@ -189,7 +215,7 @@ impl Actor {
             tokio::select! {
                 () = self.token.cancelled() => break,
                 cmd = self.rx.recv() => match cmd {
-                    Some(Command::Work { turn_id, done }) => self.wait_for(turn_id, done),
+                    Some(Command::Work { turn_id, done }) => self.waiters.wait_for(turn_id, done),
                     Some(Command::Delete) | None => self.deleted = true,
                     Some(Command::Evict) => self.evicted = true,
                     Some(Command::Interrupt | Command::Wake) => {}
@@ -202,9 +228,7 @@ impl Actor {
         }
         self.stop_process().await;
         let _ = leases::release(&self.pool, self.session, self.fence).await;
-        for (_, done) in self.waiters.drain(..) {
-            let _ = done.send(());
-        }
+        self.waiters.release_all();
     }
 
     async fn stop_process(&mut self) {
@@ -375,14 +399,7 @@ impl Actor {
                 }
                 () = sleep_until_opt(due) => writer.flush().await?,
                 cmd = self.rx.recv() => match cmd {
-                    // Field by field: `process` and `w` are borrowed here.
-                    Some(Command::Work { turn_id, done }) => {
-                        if self.finished.contains(&turn_id) {
-                            let _ = done.send(());
-                        } else {
-                            self.waiters.push((turn_id, done));
-                        }
-                    }
+                    Some(Command::Work { turn_id, done }) => self.waiters.wait_for(turn_id, done),
                     Some(Command::Wake) => {}
                     Some(Command::Interrupt) => {
                         if interrupting.is_none() {
@@ -446,18 +463,7 @@ impl Actor {
             let mut conn = self.pool.acquire().await?;
             turns::finish(&mut conn, turn, self.fence, &outcome, &evs).await?;
         }
-        let id = turn.turn_id;
-        if self.finished.len() == FINISHED_KEPT {
-            self.finished.pop_front();
-        }
-        self.finished.push_back(id);
-        let (done, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|(t, _)| *t == id);
-        self.waiters = keep;
-        for (_, tx) in done {
-            let _ = tx.send(());
-        }
+        self.waiters.ended(turn.turn_id);
         Ok(())
     }
 }
