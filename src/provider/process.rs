@@ -22,7 +22,7 @@ pub const TAG_VAR: &str = "HOTPLEX_PROCESS_TAG";
 pub struct GroupChild {
     child: Child,
     pgid: Pid,
-    /// `TAG_VAR=<random>`, as it appears in `/proc/<pid>/environ`.
+    /// The random value of `TAG_VAR` this child and its descendants carry.
     tag: String,
 }
 
@@ -43,7 +43,7 @@ impl GroupChild {
         Ok(Self {
             pgid: Pid::from_raw(pid as i32),
             child,
-            tag: format!("{TAG_VAR}={value}"),
+            tag: value,
         })
     }
 
@@ -113,13 +113,10 @@ type Tags = HashMap<String, Vec<Pid>>;
 static LAST_SCAN: std::sync::Mutex<Option<(std::time::Instant, Tags)>> =
     std::sync::Mutex::new(None);
 
-/// Processes whose environment holds `tag` (`NAME=value`), from a scan made at
+/// Processes whose environment holds `TAG_VAR=tag`, from a scan made at
 /// `scanned_after` or later (one is made if the last is older). Processes we may not read
 /// (other users') cannot carry a tag of ours and are skipped.
 fn tagged(tag: &str, scanned_after: std::time::Instant) -> Vec<Pid> {
-    let Some(value) = tag.strip_prefix(TAG_VAR).and_then(|t| t.strip_prefix('=')) else {
-        return Vec::new();
-    };
     // Held during a scan, so callers that arrive meanwhile use its result.
     let mut last = LAST_SCAN
         .lock()
@@ -128,7 +125,7 @@ fn tagged(tag: &str, scanned_after: std::time::Instant) -> Vec<Pid> {
         *last = Some((std::time::Instant::now(), scan_tags()));
     }
     last.as_ref()
-        .and_then(|(_, tags)| tags.get(value).cloned())
+        .and_then(|(_, tags)| tags.get(tag).cloned())
         .unwrap_or_default()
 }
 
