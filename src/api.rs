@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod extract;
 pub mod health;
+pub mod opencode;
 pub mod sessions;
 pub mod turns;
 
@@ -86,6 +87,7 @@ pub fn router(state: AppState) -> Router {
     let (routes, spec) = routes();
     let http = state.settings.http.clone();
     let router = routes
+        .merge(opencode::routes())
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -197,7 +199,13 @@ async fn not_found(
     if let Err(e) = guard_v1(&state, &uri, &headers).await {
         return e.into_response();
     }
-    ApiError::not_found(format!("no route for {}", uri.path())).into_response()
+    let message = format!("no route for {}", uri.path());
+    if uri.path() == "/v1" || uri.path().starts_with("/v1/") {
+        return ApiError::not_found(message).into_response();
+    }
+    // Outside `/v1` the caller may be an OpenCode client: its error shape, and ours.
+    let body = opencode::error_body(StatusCode::NOT_FOUND, "not_found", &message);
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }
 
 async fn method_not_allowed(

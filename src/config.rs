@@ -179,6 +179,14 @@ pub struct ProviderSettings {
     /// default `<data_dir>/agent-home`.
     #[serde(default)]
     pub home: Option<PathBuf>,
+    /// Models offered to OpenCode clients (`/config/providers`); the first is the default.
+    /// `default` means "the agent's own default" (no model flag).
+    #[serde(default = "default_models")]
+    pub models: Vec<String>,
+}
+
+fn default_models() -> Vec<String> {
+    vec!["default".into()]
 }
 
 impl Default for Settings {
@@ -229,12 +237,19 @@ impl Default for ProvidersSettings {
                 args: Vec::new(),
                 env: BTreeMap::new(),
                 home: None,
+                models: vec![
+                    "default".into(),
+                    "sonnet".into(),
+                    "opus".into(),
+                    "haiku".into(),
+                ],
             },
             opencode: ProviderSettings {
                 binary: "opencode".into(),
                 args: Vec::new(),
                 env: BTreeMap::new(),
                 home: None,
+                models: default_models(),
             },
         }
     }
@@ -533,6 +548,14 @@ fn validate(s: &Settings) -> Result<(), Error> {
     }
     if s.http.request_timeout.is_zero() {
         return bad("http.request_timeout", "must be greater than 0");
+    }
+    for (key, p) in [
+        ("providers.claude_code.models", &s.providers.claude_code),
+        ("providers.opencode.models", &s.providers.opencode),
+    ] {
+        if p.models.is_empty() || p.models.iter().any(|m| m.trim().is_empty()) {
+            return bad(key, "must list at least one model, none empty");
+        }
     }
     let w = &s.worker;
     if w.capacity == 0 {

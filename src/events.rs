@@ -30,7 +30,25 @@ pub struct Usage {
 pub enum EventBody {
     /// A prompt was accepted and waits for its turn.
     #[serde(rename = "turn.queued")]
-    TurnQueued { turn_seq: i64, prompt: String },
+    TurnQueued {
+        turn_seq: i64,
+        prompt: String,
+        /// The client's id for the user message (OpenCode clients may choose it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<String>,
+        /// The agent persona the client asked for (OpenCode's `agent`, e.g. `build`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent: Option<String>,
+    },
+    /// The session was created (or brought back after a delete).
+    #[serde(rename = "session.created")]
+    SessionCreated {},
+    /// The session's settings changed (e.g. its title).
+    #[serde(rename = "session.updated")]
+    SessionUpdated {},
+    /// The session was deleted.
+    #[serde(rename = "session.deleted")]
+    SessionDeleted {},
     /// The agent started working on the turn.
     #[serde(rename = "turn.started")]
     TurnStarted {
@@ -86,6 +104,9 @@ impl EventBody {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::TurnQueued { .. } => "turn.queued",
+            Self::SessionCreated {} => "session.created",
+            Self::SessionUpdated {} => "session.updated",
+            Self::SessionDeleted {} => "session.deleted",
             Self::TurnStarted { .. } => "turn.started",
             Self::TextDelta { .. } => "text.delta",
             Self::ThinkingDelta { .. } => "thinking.delta",

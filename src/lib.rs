@@ -15,6 +15,7 @@
 //! - [`store`] — every SQL statement.
 //! - [`worker`], [`provider`] — the worker and the agent processes it keeps warm.
 //! - [`events`] — the event model; [`sse`] — parsing event streams as a client.
+//! - [`opencode`] — OpenCode's ids, shapes and events, derived from ours (the compatible API).
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -29,6 +30,7 @@ pub mod embedded_pg;
 pub mod events;
 pub mod fake_agent;
 pub mod mock_llm;
+pub mod opencode;
 pub mod provider;
 pub mod sse;
 pub mod store;

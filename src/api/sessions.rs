@@ -54,12 +54,17 @@ pub struct CreateSessionRequest {
     pub external_id: Option<String>,
     /// Namespace of `external_id` (default `default`).
     pub namespace: Option<String>,
+    /// A human title (OpenCode clients show it).
+    pub title: Option<String>,
 }
 
 /// A session as the API shows it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SessionResponse {
     pub id: SessionId,
+    /// The id the OpenCode-compatible API uses for this session (`ses_…`).
+    pub opencode_id: String,
+    pub title: Option<String>,
     pub provider: Provider,
     pub status: SessionStatus,
     pub external_id: Option<String>,
@@ -92,10 +97,14 @@ pub struct ProcessInfo {
 impl TryFrom<SessionRow> for SessionResponse {
     type Error = ApiError;
     fn try_from(row: SessionRow) -> Result<Self, ApiError> {
+        let provider = row.provider()?;
+        let status = row.status()?;
         Ok(Self {
             id: row.session_id,
-            provider: row.provider()?,
-            status: row.status()?,
+            opencode_id: row.oc_id,
+            title: row.title,
+            provider,
+            status,
             external_id: row.external_id,
             namespace: row.namespace,
             work_dir: row.work_dir,
@@ -168,7 +177,21 @@ fn validate(
             disallowed_tools,
             permission_mode: req.permission_mode,
         },
+        title: req.title.map(|t| parse_title(&t)).transpose()?,
+        directory: None,
     })
+}
+
+/// A session title: one line of at most 200 characters.
+pub fn parse_title(s: &str) -> Result<String, crate::domain::Invalid> {
+    let t = s.trim();
+    if t.chars().count() > 200 || t.chars().any(char::is_control) {
+        return Err(crate::domain::Invalid::new(
+            "title",
+            "must be one line of at most 200 characters",
+        ));
+    }
+    Ok(t.to_owned())
 }
 
 /// Creates a session. With `external_id`, creating it again returns the existing session
@@ -248,20 +271,33 @@ pub async fn delete_session(
     principal: Principal,
     AppPath(path): AppPath<SessionPath>,
 ) -> Result<StatusCode, ApiError> {
+    if !remove(&state, &principal, path.session_id).await? {
+        return Err(ApiError::not_found("session not found"));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Deletes a session with everything that goes with it; `false` when there was none.
+/// Nothing accepted is dropped silently: pending turns end visibly, the owner worker (if
+/// any) is told to stop the session's agent, and the deletion is audited.
+pub(crate) async fn remove(
+    state: &AppState,
+    principal: &Principal,
+    session_id: SessionId,
+) -> Result<bool, ApiError> {
     let mut tx = state
         .pool
         .begin()
         .await
         .map_err(crate::store::Error::from)?;
-    if !sessions::delete(&mut *tx, principal.tenant_id, path.session_id).await? {
-        return Err(ApiError::not_found("session not found"));
+    if !sessions::delete(&mut *tx, principal.tenant_id, session_id).await? {
+        return Ok(false);
     }
-    // Nothing accepted is dropped silently: pending turns end visibly, and the owner worker
-    // (if any) is told to stop the session's agent.
-    crate::store::turns::fail_unfinished(&mut tx, path.session_id, "the session was deleted")
-        .await?;
-    crate::store::turns::notify_control(&mut tx, path.session_id, "delete").await?;
-    let target = path.session_id.to_string();
+    crate::store::turns::fail_unfinished(&mut tx, session_id, "the session was deleted").await?;
+    crate::store::turns::notify_control(&mut tx, session_id, "delete").await?;
+    let deleted = crate::events::NewEvent::session(crate::events::EventBody::SessionDeleted {});
+    crate::store::events::append(&mut tx, session_id, None, &[deleted]).await?;
+    let target = session_id.to_string();
     let actor = principal.actor();
     let entry = AuditEntry {
         tenant_id: Some(principal.tenant_id),
@@ -273,8 +309,8 @@ pub async fn delete_session(
     };
     audit::record(&mut *tx, entry).await?;
     tx.commit().await.map_err(crate::store::Error::from)?;
-    tracing::info!(session.id = %path.session_id, "session deleted");
-    Ok(StatusCode::NO_CONTENT)
+    tracing::info!(session.id = %session_id, "session deleted");
+    Ok(true)
 }
 
 const DEFAULT_PAGE: u32 = 50;

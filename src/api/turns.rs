@@ -140,19 +140,7 @@ pub async fn create_turn(
     headers: HeaderMap,
     AppJson(req): AppJson<CreateTurnRequest>,
 ) -> Result<Response, ApiError> {
-    if req.prompt.trim().is_empty() {
-        return Err(ApiError::unprocessable("prompt: must not be empty"));
-    }
-    if req.prompt.chars().count() > MAX_PROMPT_CHARS {
-        return Err(ApiError::unprocessable(format!(
-            "prompt: must be at most {MAX_PROMPT_CHARS} characters"
-        )));
-    }
-    if req.prompt.contains('\0') {
-        return Err(ApiError::unprocessable(
-            "prompt: must not contain NUL characters",
-        ));
-    }
+    validate_prompt(&req.prompt)?;
     let key = match headers.get("idempotency-key") {
         Some(v) => {
             let k = v.to_str().map_err(|_| {
@@ -181,6 +169,8 @@ pub async fn create_turn(
         prompt: &req.prompt,
         idempotency_key: key.as_deref(),
         request_hash: &hash,
+        message_id: None,
+        agent: None,
     };
     // The turn, its events and its queue job are written together, or not at all.
     let row = match turns::enqueue(&state.pool, &new).await? {
@@ -208,8 +198,26 @@ pub async fn create_turn(
     Ok((status, AppJson(respond(&state, row).await?)).into_response())
 }
 
+/// Checks a prompt's text: not empty, not too long, no NUL.
+pub(crate) fn validate_prompt(prompt: &str) -> Result<(), ApiError> {
+    if prompt.trim().is_empty() {
+        return Err(ApiError::unprocessable("prompt: must not be empty"));
+    }
+    if prompt.chars().count() > MAX_PROMPT_CHARS {
+        return Err(ApiError::unprocessable(format!(
+            "prompt: must be at most {MAX_PROMPT_CHARS} characters"
+        )));
+    }
+    if prompt.contains('\0') {
+        return Err(ApiError::unprocessable(
+            "prompt: must not contain NUL characters",
+        ));
+    }
+    Ok(())
+}
+
 /// Waits for a turn to end, woken by the session's events; gives up at `limit`.
-async fn wait_for_end(
+pub(crate) async fn wait_for_end(
     state: &AppState,
     mut row: TurnRow,
     limit: Duration,

@@ -5,14 +5,21 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::domain::SessionId;
 
+/// Notifications buffered for the all-sessions feed; a subscriber that falls further behind
+/// re-reads the tables (it is told it lagged).
+const FIREHOSE_CAPACITY: usize = 4096;
+
 /// Wakes subscribers of a session when its events advance.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EventHub {
     sessions: Arc<Mutex<HashMap<SessionId, watch::Sender<i64>>>>,
+    /// Every `(session, seq)` notification, for streams that follow many sessions (the
+    /// OpenCode `/event` feeds); sent only while someone listens.
+    all: broadcast::Sender<(SessionId, i64)>,
     /// Bumped after a listener reconnect: notifications may have been lost, so everyone
     /// re-reads the table.
     epoch: Arc<watch::Sender<u64>>,
@@ -27,9 +34,29 @@ pub struct Subscription {
     hub: EventHub,
 }
 
+impl Default for EventHub {
+    fn default() -> Self {
+        Self {
+            sessions: Arc::default(),
+            all: broadcast::channel(FIREHOSE_CAPACITY).0,
+            epoch: Arc::default(),
+        }
+    }
+}
+
 impl EventHub {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Follows every session's notifications (subscribe before reading the tables).
+    pub fn subscribe_all(&self) -> broadcast::Receiver<(SessionId, i64)> {
+        self.all.subscribe()
+    }
+
+    /// The epoch receiver: it changes when notifications may have been lost.
+    pub fn epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
     }
 
     /// Subscribes to a session; do this before reading the backlog so nothing slips by.
@@ -46,6 +73,10 @@ impl EventHub {
 
     /// Records that `session` has events up to `seq`.
     pub fn publish(&self, session: SessionId, seq: i64) {
+        if self.all.receiver_count() > 0 {
+            // An error only means the last receiver just left.
+            let _ = self.all.send((session, seq));
+        }
         let mut map = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(sender) = map.get(&session) {
             if sender.receiver_count() == 0 {

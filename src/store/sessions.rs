@@ -8,6 +8,7 @@ use sqlx::{AssertSqlSafe, PgExecutor, PgPool};
 
 use super::Result;
 use crate::domain::{PermissionMode, Provider, SessionId, SessionStatus, TenantId};
+use crate::events::{EventBody, NewEvent};
 
 /// Agent settings kept as one jsonb column, so new knobs need no migration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +34,12 @@ pub struct SessionRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_active_at: DateTime<Utc>,
+    /// The id OpenCode clients know the session by (`ses_…`).
+    pub oc_id: String,
+    pub title: Option<String>,
+    /// The client directory of the OpenCode API; `None` is the server's default.
+    pub directory: Option<String>,
+    pub last_event_seq: i64,
 }
 
 impl SessionRow {
@@ -50,7 +57,7 @@ impl SessionRow {
 }
 
 const COLUMNS: &str = "session_id, tenant_id, external_id, namespace, provider, work_dir, model,
-    options, status, created_at, updated_at, last_active_at";
+    options, status, created_at, updated_at, last_active_at, oc_id, title, directory, last_event_seq";
 
 /// What a new session is made of.
 #[derive(Debug, Clone)]
@@ -63,6 +70,8 @@ pub struct NewSession {
     pub work_dir: Option<String>,
     pub model: Option<String>,
     pub options: SessionOptions,
+    pub title: Option<String>,
+    pub directory: Option<String>,
 }
 
 /// How a create request ended.
@@ -76,10 +85,13 @@ pub enum Created {
     Conflict,
 }
 
+/// Creates the session (and its `session.created` event), or finds it.
 pub async fn create(pool: &PgPool, new: &NewSession) -> Result<Created> {
+    let mut tx = pool.begin().await?;
     let inserted = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
-        "insert into sessions (session_id, tenant_id, external_id, namespace, provider, work_dir, model, options)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)
+        "insert into sessions (session_id, tenant_id, external_id, namespace, provider, work_dir, model,
+                               options, title, directory)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          on conflict (session_id) do nothing
          returning {COLUMNS}"
     )))
@@ -91,33 +103,44 @@ pub async fn create(pool: &PgPool, new: &NewSession) -> Result<Created> {
     .bind(&new.work_dir)
     .bind(&new.model)
     .bind(Json(&new.options))
-    .fetch_optional(pool)
+    .bind(&new.title)
+    .bind(&new.directory)
+    .fetch_optional(&mut *tx)
     .await?;
-    if let Some(row) = inserted {
-        return Ok(Created::New(row));
-    }
 
     // The id exists. A deleted session of the same tenant comes back as a new incarnation
     // (fresh settings, fresh agent context); its event seq continues, so replay stays sane.
-    let revived = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
-        "update sessions
-            set provider = $3, work_dir = $4, model = $5, options = $6, status = 'idle',
-                cli_session_id = null, deleted_at = null, updated_at = now(), last_active_at = now()
-          where session_id = $1 and tenant_id = $2 and status = 'deleted'
-          returning {COLUMNS}"
-    )))
-    .bind(new.session_id)
-    .bind(new.tenant_id)
-    .bind(new.provider.as_str())
-    .bind(&new.work_dir)
-    .bind(&new.model)
-    .bind(Json(&new.options))
-    .fetch_optional(pool)
-    .await?;
-    if let Some(row) = revived {
+    let row = match inserted {
+        Some(row) => Some(row),
+        None => {
+            sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+                "update sessions
+                    set provider = $3, work_dir = $4, model = $5, options = $6, status = 'idle',
+                        title = $7, directory = $8, cli_session_id = null, deleted_at = null,
+                        updated_at = now(), last_active_at = now()
+                  where session_id = $1 and tenant_id = $2 and status = 'deleted'
+                  returning {COLUMNS}"
+            )))
+            .bind(new.session_id)
+            .bind(new.tenant_id)
+            .bind(new.provider.as_str())
+            .bind(&new.work_dir)
+            .bind(&new.model)
+            .bind(Json(&new.options))
+            .bind(&new.title)
+            .bind(&new.directory)
+            .fetch_optional(&mut *tx)
+            .await?
+        }
+    };
+    if let Some(mut row) = row {
+        let created = NewEvent::session(EventBody::SessionCreated {});
+        row.last_event_seq =
+            super::events::append(&mut tx, row.session_id, None, &[created]).await?;
+        tx.commit().await?;
         return Ok(Created::New(row));
     }
-
+    drop(tx);
     match get(pool, new.tenant_id, new.session_id).await? {
         Some(row) => Ok(Created::Existing(row)),
         None => Ok(Created::Conflict),
@@ -237,4 +260,108 @@ pub async fn get_any(db: impl PgExecutor<'_>, id: SessionId) -> Result<Option<Se
     .fetch_optional(db)
     .await?;
     Ok(row)
+}
+
+/// A live session of the tenant by its OpenCode id.
+pub async fn get_by_oc_id(
+    db: impl PgExecutor<'_>,
+    tenant: TenantId,
+    oc_id: &str,
+) -> Result<Option<SessionRow>> {
+    let row = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "select {COLUMNS} from sessions
+          where oc_id = $1 and tenant_id = $2 and status <> 'deleted'"
+    )))
+    .bind(oc_id)
+    .bind(tenant)
+    .fetch_optional(db)
+    .await?;
+    Ok(row)
+}
+
+/// Which sessions of an OpenCode listing.
+#[derive(Debug, Clone, Default)]
+pub struct DirectoryFilter<'a> {
+    /// Only sessions of this directory; `None` for every directory.
+    pub directory: Option<&'a str>,
+    /// The directory of sessions that have none (the server's default).
+    pub default_directory: &'a str,
+    /// Only titles containing this (case-insensitive).
+    pub search: Option<&'a str>,
+    /// Only sessions updated at or after this.
+    pub since: Option<DateTime<Utc>>,
+    /// Only busy sessions.
+    pub busy_only: bool,
+}
+
+/// The tenant's live sessions of a directory in OpenCode id order (newest first).
+pub async fn list_in_directory(
+    db: impl PgExecutor<'_>,
+    tenant: TenantId,
+    filter: &DirectoryFilter<'_>,
+    limit: i64,
+) -> Result<Vec<SessionRow>> {
+    let rows = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "select {COLUMNS} from sessions
+          where tenant_id = $1 and status <> 'deleted'
+            and ($2::text is null or coalesce(directory, $3) = $2)
+            and ($4::text is null or title ilike '%' || $4 || '%')
+            and ($5::timestamptz is null or updated_at >= $5)
+            and (not $6 or status = 'busy')
+          order by oc_id
+          limit $7"
+    )))
+    .bind(tenant)
+    .bind(filter.directory)
+    .bind(filter.default_directory)
+    .bind(filter.search)
+    .bind(filter.since)
+    .bind(filter.busy_only)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
+}
+
+/// Every live session of the tenant with its last event seq: where a stream that follows
+/// them all starts.
+pub async fn event_positions(
+    db: impl PgExecutor<'_>,
+    tenant: TenantId,
+) -> Result<Vec<(SessionId, i64)>> {
+    let rows = sqlx::query_as(
+        "select session_id, last_event_seq from sessions
+          where tenant_id = $1 and status <> 'deleted'",
+    )
+    .bind(tenant)
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
+}
+
+/// Sets the title (and records `session.updated`); `None` when there is no such session.
+pub async fn set_title(
+    pool: &PgPool,
+    tenant: TenantId,
+    id: SessionId,
+    title: Option<&str>,
+) -> Result<Option<SessionRow>> {
+    let mut tx = pool.begin().await?;
+    let row = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
+        "update sessions set title = $3, updated_at = now()
+          where session_id = $1 and tenant_id = $2 and status <> 'deleted'
+          returning {COLUMNS}"
+    )))
+    .bind(id)
+    .bind(tenant)
+    .bind(title)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(mut row) = row else {
+        return Ok(None);
+    };
+    let updated = NewEvent::session(EventBody::SessionUpdated {});
+    row.last_event_seq = super::events::append(&mut tx, id, None, &[updated]).await?;
+    tx.commit().await?;
+    Ok(Some(row))
 }

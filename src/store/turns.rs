@@ -47,6 +47,10 @@ pub struct NewTurn<'a> {
     pub prompt: &'a str,
     pub idempotency_key: Option<&'a str>,
     pub request_hash: &'a [u8],
+    /// The client's id for the user message, if it chose one (OpenCode's `messageID`).
+    pub message_id: Option<&'a str>,
+    /// The agent persona the client asked for (OpenCode's `agent`).
+    pub agent: Option<&'a str>,
 }
 
 /// How an enqueue ended.
@@ -118,6 +122,8 @@ async fn insert_turn(conn: &mut PgConnection, new: &NewTurn<'_>) -> Result<Enque
     let queued = serde_json::to_value(EventBody::TurnQueued {
         turn_seq: 0,
         prompt: new.prompt.to_owned(),
+        message_id: new.message_id.map(str::to_owned),
+        agent: new.agent.map(str::to_owned),
     })
     .map_err(|e| Error::Corrupt(e.to_string()))?;
     let job = queue::job_args(&queue::TurnJob {

@@ -153,7 +153,9 @@ async fn events_replay_follow_live_and_resume_after_last_event_id() {
         .send()
         .await
         .unwrap();
-    let got = read_events(live, 2).await;
+    let got = read_events(live, 3).await;
+    assert_eq!(got[0].1, "session.created");
+    let got = &got[1..];
     assert_eq!(got[0].1, "session.status");
     assert_eq!(got[0].2["status"], "busy");
     assert_eq!(got[1].1, "turn.queued");
@@ -169,19 +171,19 @@ async fn events_replay_follow_live_and_resume_after_last_event_id() {
     // Reconnect after the first event: exactly the missed ones, in order.
     let resumed = app
         .get(&events_path, &app.admin_key)
-        .header("last-event-id", "1")
+        .header("last-event-id", "2")
         .send()
         .await
         .unwrap();
     let got = read_events(resumed, 2).await;
-    assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 3]);
+    assert_eq!(got.iter().map(|e| e.0).collect::<Vec<_>>(), [3, 4]);
     assert_eq!(got[1].2["prompt"], "second");
     let after = app
-        .get(&format!("{events_path}?after=2"), &app.admin_key)
+        .get(&format!("{events_path}?after=3"), &app.admin_key)
         .send()
         .await
         .unwrap();
-    assert_eq!(read_events(after, 1).await[0].0, 3);
+    assert_eq!(read_events(after, 1).await[0].0, 4);
     let bad = app
         .get(&events_path, &app.admin_key)
         .header("last-event-id", "x")

@@ -92,7 +92,7 @@ async fn leases_fence_out_a_worker_that_lost_its_session() {
     });
     owner.flush().await.unwrap();
     let types: Vec<String> = sqlx::query_scalar(
-        "select type from session_events where session_id = $1 and seq > 2 order by seq",
+        "select type from session_events where session_id = $1 and seq > 3 order by seq",
     )
     .bind(session)
     .fetch_all(&app.db.pool)
@@ -131,7 +131,7 @@ async fn deltas_are_coalesced_and_other_events_keep_their_order() {
     w.flush().await.unwrap();
     assert_eq!(w.text, "abcd");
     let rows: Vec<(i64, String, Value)> = sqlx::query_as(
-        "select seq, type, payload from session_events where session_id = $1 and seq > 2 order by seq",
+        "select seq, type, payload from session_events where session_id = $1 and seq > 3 order by seq",
     )
     .bind(session)
     .fetch_all(&app.db.pool)
@@ -140,8 +140,9 @@ async fn deltas_are_coalesced_and_other_events_keep_their_order() {
     let kinds: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
     assert_eq!(kinds, ["text.delta", "text.delta", "tool.started"]);
     assert_eq!(rows[1].2["text"], "bcd");
-    // After the two events of the enqueue (session.status, turn.queued), without gaps.
-    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [3, 4, 5]);
+    // After session.created and the two events of the enqueue (session.status,
+    // turn.queued), without gaps.
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [4, 5, 6]);
 }
 
 #[tokio::test]
