@@ -6,6 +6,7 @@ mod claude;
 mod errors;
 mod health;
 mod openapi;
+mod opencode;
 mod opencode_mock;
 mod processes;
 mod runtime;
