@@ -209,7 +209,7 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
     assert_eq!(session["title"], "mine");
     assert_eq!(session["directory"], dir);
     // Newer sessions sort first (their ids count down).
-    assert!(sid < other["id"].as_str().unwrap().to_owned());
+    assert!(sid.as_str() < other["id"].as_str().unwrap());
     let created = events.next(Duration::from_secs(5)).await;
     assert_eq!(created["type"], "session.created");
     assert_eq!(created["properties"]["info"]["id"], sid.as_str());
