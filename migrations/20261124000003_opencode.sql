@@ -28,7 +28,10 @@ alter table sessions
     add column title text,
     -- The client directory the session belongs to (`?directory=` / `x-opencode-directory`);
     -- null means the server's default directory.
-    add column directory text;
+    add column directory text,
+    -- The id the agent's own store knows the conversation by, for agents that name it
+    -- themselves (OpenCode's `ses_…` in its server); `cli_session_id` is Claude Code's.
+    add column agent_ref text;
 create unique index sessions_oc_id_idx on sessions (oc_id);
 create index sessions_tenant_directory_idx on sessions (tenant_id, directory, created_at desc)
     where status <> 'deleted';

@@ -2,6 +2,7 @@
 //! provider turns the CLI's own protocol into [`AgentEvent`]s, the same for every agent.
 
 pub mod claude_code;
+pub mod opencode;
 pub mod process;
 
 use std::collections::BTreeMap;
@@ -86,4 +87,63 @@ pub enum Error {
     Gone,
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// A session's warm agent, whichever the provider.
+#[derive(Debug)]
+pub enum Agent {
+    /// A Claude Code process of its own.
+    Claude(Box<claude_code::ClaudeProcess>),
+    /// A conversation on the worker's shared OpenCode server.
+    OpenCode(Box<opencode::OpenCodeSession>),
+}
+
+impl Agent {
+    /// The process that runs the agent (for OpenCode, the shared server).
+    pub fn pid(&self) -> u32 {
+        match self {
+            Self::Claude(p) => p.pid(),
+            Self::OpenCode(s) => s.pid(),
+        }
+    }
+
+    pub async fn send_prompt(&mut self, text: &str) -> Result<(), Error> {
+        match self {
+            Self::Claude(p) => p.send_prompt(text).await,
+            Self::OpenCode(s) => s.send_prompt(text).await,
+        }
+    }
+
+    /// Asks the agent to stop the running turn; it then ends `Interrupted`.
+    pub async fn interrupt(&mut self) -> Result<(), Error> {
+        match self {
+            Self::Claude(p) => p.interrupt().await,
+            Self::OpenCode(s) => s.interrupt().await,
+        }
+    }
+
+    /// The next event; `None` when the agent is gone.
+    pub async fn next_event(&mut self) -> Option<AgentEvent> {
+        match self {
+            Self::Claude(p) => p.next_event().await,
+            Self::OpenCode(s) => s.next_event().await,
+        }
+    }
+
+    /// Why the agent went away.
+    pub async fn exit_summary(&mut self) -> String {
+        match self {
+            Self::Claude(p) => p.exit_summary().await,
+            Self::OpenCode(s) => s.exit_summary(),
+        }
+    }
+
+    /// Stops the agent: the Claude Code process and its tools; for OpenCode, the session's
+    /// running turn (the shared server stays, and so does the conversation in its store).
+    pub async fn stop(&mut self, grace: std::time::Duration) {
+        match self {
+            Self::Claude(p) => p.stop(grace).await,
+            Self::OpenCode(s) => s.stop().await,
+        }
+    }
 }

@@ -40,6 +40,8 @@ pub struct Worker {
     tasks: TaskTracker,
     token: CancellationToken,
     stopped: CancellationToken,
+    /// The worker's `opencode serve`, shared by its OpenCode sessions (started on use).
+    opencode: Arc<crate::provider::opencode::OpenCodeHost>,
 }
 
 /// The worker's side of a session actor.
@@ -90,14 +92,21 @@ impl Worker {
             settings.worker.capacity,
         )
         .await?;
+        let tasks = TaskTracker::new();
+        let token = shutdown.token.child_token();
+        let opencode = Arc::new(crate::provider::opencode::OpenCodeHost::new(
+            tasks.clone(),
+            token.clone(),
+        ));
         let worker = Arc::new(Self {
             id,
             pool: pool.clone(),
             settings,
             actors: Mutex::new(HashMap::new()),
-            tasks: TaskTracker::new(),
-            token: shutdown.token.child_token(),
+            tasks,
+            token,
             stopped: CancellationToken::new(),
+            opencode,
         });
         shutdown.tracker.spawn(worker.clone().supervise());
         worker.tasks.spawn(worker.clone().heartbeat());
@@ -306,6 +315,7 @@ impl Worker {
             settings: self.settings.clone(),
             tracker: self.tasks.clone(),
             token: self.token.clone(),
+            opencode: self.opencode.clone(),
         };
         let actor = Actor::new(session, fence, runtime, rx, activity.clone());
         self.tasks.spawn(actor.run());

@@ -116,7 +116,7 @@ pub async fn create(pool: &PgPool, new: &NewSession) -> Result<Created> {
             sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
                 "update sessions
                     set provider = $3, work_dir = $4, model = $5, options = $6, status = 'idle',
-                        title = $7, directory = $8, cli_session_id = null, deleted_at = null,
+                        title = $7, directory = $8, cli_session_id = null, agent_ref = null, deleted_at = null,
                         updated_at = now(), last_active_at = now()
                   where session_id = $1 and tenant_id = $2 and status = 'deleted'
                   returning {COLUMNS}"
@@ -246,6 +246,25 @@ pub async fn set_cli_session_id(
     sqlx::query("update sessions set cli_session_id = $2 where session_id = $1")
         .bind(id)
         .bind(cli)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// The agent's own id for the conversation (OpenCode's session id), if one was made.
+pub async fn agent_ref(db: impl PgExecutor<'_>, id: SessionId) -> Result<Option<String>> {
+    let v: Option<Option<String>> =
+        sqlx::query_scalar("select agent_ref from sessions where session_id = $1")
+            .bind(id)
+            .fetch_optional(db)
+            .await?;
+    Ok(v.flatten())
+}
+
+pub async fn set_agent_ref(db: impl PgExecutor<'_>, id: SessionId, agent_ref: &str) -> Result<()> {
+    sqlx::query("update sessions set agent_ref = $2 where session_id = $1")
+        .bind(id)
+        .bind(agent_ref)
         .execute(db)
         .await?;
     Ok(())

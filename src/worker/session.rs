@@ -18,7 +18,8 @@ use crate::config::Settings;
 use crate::domain::{Provider, SessionId, WorkerId};
 use crate::events::{EventBody, NewEvent};
 use crate::provider::claude_code::{ClaudeProcess, transcript};
-use crate::provider::{AgentEvent, SpawnSpec, TurnOutcome};
+use crate::provider::opencode::{Attached, HostSpec, OpenCodeHost, OpenCodeSession, SessionSpec};
+use crate::provider::{Agent, AgentEvent, SpawnSpec, TurnOutcome};
 use crate::store::events::Fence;
 use crate::store::turns::{Outcome, TurnRow};
 use crate::store::{self, leases, sessions, turns};
@@ -134,6 +135,8 @@ pub struct Runtime {
     pub tracker: TaskTracker,
     /// The worker's stop.
     pub token: CancellationToken,
+    /// The worker's OpenCode server (shared by its OpenCode sessions).
+    pub opencode: Arc<OpenCodeHost>,
 }
 
 pub struct Actor {
@@ -144,7 +147,8 @@ pub struct Actor {
     pub tracker: TaskTracker,
     pub token: CancellationToken,
     pub rx: mpsc::Receiver<Command>,
-    process: Option<ClaudeProcess>,
+    opencode: Arc<OpenCodeHost>,
+    process: Option<Agent>,
     waiters: Waiters,
     deleted: bool,
     evicted: bool,
@@ -164,6 +168,7 @@ impl Actor {
             settings,
             tracker,
             token,
+            opencode,
         } = runtime;
         Self {
             session,
@@ -173,6 +178,7 @@ impl Actor {
             tracker,
             token,
             rx,
+            opencode,
             process: None,
             waiters: Waiters::default(),
             deleted: false,
@@ -247,10 +253,11 @@ impl Actor {
             .await
             .map_err(|e| e.to_string())?
             .ok_or("the session is gone")?;
-        if row.provider().map_err(|e| e.to_string())? != Provider::ClaudeCode {
-            return Err("the OpenCode provider is not available on this worker yet".into());
-        }
-        let provider = &self.settings.providers.claude_code;
+        let provider_kind = row.provider().map_err(|e| e.to_string())?;
+        let provider = match provider_kind {
+            Provider::ClaudeCode => &self.settings.providers.claude_code,
+            Provider::OpenCode => &self.settings.providers.opencode,
+        };
         let home = self.settings.agent_home(provider);
         let cwd = match &row.work_dir {
             Some(dir) if PathBuf::from(dir).is_absolute() => PathBuf::from(dir),
@@ -260,6 +267,18 @@ impl Actor {
         for dir in [&home, &cwd] {
             std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
+        // The child gets an allow-list, never our own environment (database URL, keys).
+        let mut env = BTreeMap::new();
+        if let Some(path) = std::env::var_os("PATH") {
+            env.insert("PATH".to_owned(), path.to_string_lossy().into_owned());
+        }
+        env.insert("HOME".to_owned(), home.display().to_string());
+        env.insert("LANG".to_owned(), "C.UTF-8".to_owned());
+        env.insert("TERM".to_owned(), "dumb".to_owned());
+        if provider_kind == Provider::OpenCode {
+            return self.open_opencode(writer, &row, home, cwd, env).await;
+        }
+
         let known = sessions::cli_session_id(&self.pool, self.session)
             .await
             .map_err(|e| e.to_string())?;
@@ -278,14 +297,6 @@ impl Actor {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        // The child gets an allow-list, never our own environment (database URL, keys).
-        let mut env = BTreeMap::new();
-        if let Some(path) = std::env::var_os("PATH") {
-            env.insert("PATH".to_owned(), path.to_string_lossy().into_owned());
-        }
-        env.insert("HOME".to_owned(), home.display().to_string());
-        env.insert("LANG".to_owned(), "C.UTF-8".to_owned());
-        env.insert("TERM".to_owned(), "dumb".to_owned());
         env.extend(provider.env.clone());
         let options = &row.options.0;
         let spec = SpawnSpec {
@@ -309,8 +320,72 @@ impl Actor {
         let _ =
             leases::set_process(&self.pool, self.session, self.fence, Some(process.pid())).await;
         tracing::info!(session.id = %self.session, process.pid = process.pid(), resume, "agent process ready");
-        self.process = Some(process);
+        self.process = Some(Agent::Claude(Box::new(process)));
         Ok(resume)
+    }
+
+    /// Attaches the session to the worker's OpenCode server (starting it if needed),
+    /// resuming the OpenCode session it had, if that still exists.
+    async fn open_opencode(
+        &mut self,
+        writer: &mut EventWriter,
+        row: &sessions::SessionRow,
+        home: PathBuf,
+        cwd: PathBuf,
+        mut env: BTreeMap<String, String>,
+    ) -> Result<bool, String> {
+        let provider = &self.settings.providers.opencode;
+        // The server's whole state lives under its HOME: keep it stable across restarts.
+        for (k, sub) in [
+            ("XDG_CONFIG_HOME", ".config"),
+            ("XDG_DATA_HOME", ".local/share"),
+            ("XDG_CACHE_HOME", ".cache"),
+            ("XDG_STATE_HOME", ".local/state"),
+        ] {
+            env.insert(k.to_owned(), home.join(sub).display().to_string());
+        }
+        // hotplex pins the CLI version; the server must not replace itself.
+        env.insert("OPENCODE_DISABLE_AUTOUPDATE".to_owned(), "1".to_owned());
+        env.extend(provider.env.clone());
+        let spec = HostSpec {
+            binary: provider.binary.clone(),
+            extra_args: provider.args.clone(),
+            env,
+            cwd: self.settings.work_root(),
+            stop_grace: self.settings.worker.stop_grace,
+        };
+        let server = self
+            .opencode
+            .server(&spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        let known = sessions::agent_ref(&self.pool, self.session)
+            .await
+            .map_err(|e| e.to_string())?;
+        let session_spec = SessionSpec {
+            known,
+            cwd,
+            model: row.model.clone().filter(|m| m != "default"),
+            agent: None,
+        };
+        let (session, attached) = OpenCodeSession::open(server, &session_spec)
+            .await
+            .map_err(|e| e.to_string())?;
+        if attached == Attached::Lost {
+            writer.push(EventBody::ContextLost {
+                reason: "the OpenCode session was not found on this worker's server; starting a new conversation".into(),
+            });
+        }
+        if attached != Attached::Resumed {
+            sessions::set_agent_ref(&self.pool, self.session, session.id())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let pid = session.pid();
+        let _ = leases::set_process(&self.pool, self.session, self.fence, Some(pid)).await;
+        tracing::info!(session.id = %self.session, opencode.session = %session.id(), process.pid = pid, ?attached, "OpenCode session ready");
+        self.process = Some(Agent::OpenCode(Box::new(session)));
+        Ok(attached == Attached::Resumed)
     }
 
     /// Runs one turn to its end. An error means the actor must stop (lease lost).
@@ -342,7 +417,7 @@ impl Actor {
             let mut conn = self.pool.acquire().await?;
             turns::start(&mut conn, &turn, self.fence, &writer.take()).await?;
         }
-        let sent = match &self.process {
+        let sent = match self.process.as_mut() {
             Some(p) => p.send_prompt(&turn.prompt).await,
             None => Err(crate::provider::Error::Gone),
         };

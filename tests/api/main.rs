@@ -8,6 +8,7 @@ mod health;
 mod openapi;
 mod opencode;
 mod opencode_mock;
+mod opencode_provider;
 mod processes;
 mod runtime;
 mod sessions;

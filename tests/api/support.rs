@@ -266,6 +266,55 @@ impl TestApp {
         Some(app)
     }
 
+    /// The app plus a worker whose OpenCode provider is the real OpenCode CLI
+    /// (`HOTPLEX_TEST_OPENCODE`) configured for the mock chat-completions API at `mock_url`,
+    /// fully offline. `None` when no CLI is available outside CI; in CI it fails the test.
+    pub async fn spawn_with_real_opencode(mock_url: &str) -> Option<Self> {
+        let bin = match std::env::var("HOTPLEX_TEST_OPENCODE") {
+            Ok(b) if std::path::Path::new(&b).exists() => PathBuf::from(b),
+            _ if std::env::var_os("CI").is_some() => {
+                panic!("HOTPLEX_TEST_OPENCODE must name the OpenCode CLI in CI")
+            }
+            _ => {
+                eprintln!(
+                    "skipping: set HOTPLEX_TEST_OPENCODE to the OpenCode CLI to run this test"
+                );
+                return None;
+            }
+        };
+        let config = serde_json::json!({
+            "provider": {"mock": {"npm": "@ai-sdk/openai-compatible", "name": "Mock",
+                "options": {"baseURL": format!("{mock_url}/v1"), "apiKey": "x"},
+                "models": {"mock-model": {"name": "Mock Model", "limit": {"context": 128000, "output": 4096}}}}},
+            "model": "mock/mock-model", "small_model": "mock/mock-model",
+            "autoupdate": false, "share": "disabled",
+        });
+        let mut app = Self::spawn_with(
+            move |s| {
+                let o = &mut s.providers.opencode;
+                o.binary = bin;
+                o.env
+                    .insert("OPENCODE_CONFIG_CONTENT".into(), config.to_string());
+                // Offline: no model catalogue, plugins or LSP downloads, no registry.
+                for k in [
+                    "OPENCODE_DISABLE_MODELS_FETCH",
+                    "OPENCODE_DISABLE_DEFAULT_PLUGINS",
+                    "OPENCODE_DISABLE_LSP_DOWNLOAD",
+                    "OPENCODE_DISABLE_SHARE",
+                    "OPENCODE_DISABLE_CLAUDE_CODE",
+                ] {
+                    o.env.insert(k.into(), "1".into());
+                }
+                o.env
+                    .insert("npm_config_registry".into(), "http://127.0.0.1:9/".into());
+            },
+            AuthMode::Keys,
+        )
+        .await;
+        app.worker = Some(app.start_worker().await);
+        Some(app)
+    }
+
     /// Starts a worker on this app's database and settings, stopped on its own.
     pub async fn start_worker(&self) -> TestWorker {
         let shutdown = Shutdown::new();

@@ -1,0 +1,261 @@
+//! The OpenCode provider end to end: sessions with `provider: "opencode"` run on the
+//! worker's one supervised `opencode serve` (the real CLI, `HOTPLEX_TEST_OPENCODE`) against
+//! the mock chat-completions API — warm turns on the same process with context, a tool, an
+//! abort, and a worker restart that resumes the OpenCode session.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::TestApp;
+
+async fn mock(delay: Duration) -> hotplex::mock_llm::openai::MockServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = hotplex::mock_llm::openai::MockOptions {
+        delay,
+        ..Default::default()
+    };
+    hotplex::mock_llm::openai::start(listener, options)
+        .await
+        .unwrap()
+}
+
+async fn events(app: &TestApp, sid: &str) -> Vec<(String, Value)> {
+    sqlx::query_as::<_, (String, Value)>(
+        "select type, payload from session_events where session_id = $1::uuid order by seq",
+    )
+    .bind(sid)
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+/// The chat requests the mock saw whose messages mention `needle`.
+fn requests_with(mock: &hotplex::mock_llm::openai::MockServer, needle: &str) -> Vec<Value> {
+    mock.requests()
+        .into_iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("/chat/completions"))
+        })
+        .filter(|r| r["body"]["messages"].to_string().contains(needle))
+        .collect()
+}
+
+/// Runs a prompt to its end (`?wait=true`); the finished turn.
+async fn run(app: &TestApp, sid: &str, prompt: &str) -> Value {
+    app.post(
+        &format!("/v1/sessions/{sid}/turns?wait=true&timeout=120"),
+        &app.admin_key,
+    )
+    .json(&json!({ "prompt": prompt }))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn opencode_sessions_stay_warm_keep_context_run_tools_and_abort() {
+    let mock = mock(Duration::from_millis(20)).await;
+    let Some(app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
+        return;
+    };
+    let created: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&json!({"provider": "opencode", "model": "mock/mock-model"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = created["id"].as_str().unwrap().to_owned();
+    let turns = format!("/v1/sessions/{sid}/turns");
+    let run = |prompt: String| {
+        let req = app
+            .post(&format!("{turns}?wait=true&timeout=120"), &app.admin_key)
+            .json(&json!({ "prompt": prompt }));
+        async move { req.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+
+    let first = run("remember the word pineapple".into()).await;
+    assert_eq!(first["status"], "completed", "{first}");
+    assert_eq!(first["result"], "MOCK_REPLY: remember the word pineapple");
+    assert!(
+        first["usage"]["input_tokens"].as_i64().unwrap() > 0,
+        "{first}"
+    );
+    let second = run("what was the word".into()).await;
+    assert_eq!(second["status"], "completed", "{second}");
+    assert_eq!(second["result"], "MOCK_REPLY: what was the word");
+    // One conversation: the second request to the model carries the first turn.
+    let with_second = requests_with(&mock, "what was the word");
+    assert!(
+        with_second
+            .iter()
+            .any(|r| r["body"]["messages"].to_string().contains("pineapple")),
+        "{with_second:#?}"
+    );
+    // Warm: both turns ran on the same server process.
+    let evs = events(&app, &sid).await;
+    let pids: Vec<i64> = evs
+        .iter()
+        .filter(|(t, _)| t == "turn.started")
+        .map(|(_, p)| p["pid"].as_i64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert_eq!(pids[0], pids[1]);
+    assert!(
+        evs.iter()
+            .any(|(t, p)| t == "text.delta" && p["text"].as_str().unwrap().contains("pineapple"))
+    );
+    let session = app.get_json(&format!("/v1/sessions/{sid}")).await;
+    assert_eq!(
+        session["process"]["pid"].as_i64(),
+        Some(pids[0]),
+        "{session}"
+    );
+
+    // A tool: OpenCode's bash runs through the mock's tool call.
+    let tool = run("[[bash:echo tool-ran-here]]".into()).await;
+    assert_eq!(tool["status"], "completed", "{tool}");
+    let evs = events(&app, &sid).await;
+    let started = evs
+        .iter()
+        .find(|(t, _)| t == "tool.started")
+        .expect("tool.started");
+    assert_eq!(started.1["name"], "bash");
+    assert_eq!(started.1["input"]["command"], "echo tool-ran-here");
+    let done = evs
+        .iter()
+        .find(|(t, _)| t == "tool.completed")
+        .expect("tool.completed");
+    assert!(
+        done.1["output"].as_str().unwrap().contains("tool-ran-here"),
+        "{done:?}"
+    );
+    assert!(
+        tool["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("TOOL_DONE: tool-ran-here"),
+        "{tool}"
+    );
+
+    // Abort mid-stream: the turn ends interrupted, the next one runs on the same process.
+    let long = (0..80)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let turn: Value = app
+        .post(&turns, &app.admin_key)
+        .json(&json!({ "prompt": long }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let turn_id = turn["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from session_events where turn_id = $1::uuid and type = 'text.delta'",
+        )
+        .bind(&turn_id)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delta of the long turn"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = app
+        .post(&format!("/v1/sessions/{sid}/interrupt"), &app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let ended = loop {
+        let t = app.get_json(&format!("/v1/turns/{turn_id}")).await;
+        if t["status"] != "running" && t["status"] != "queued" {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the aborted turn did not end: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ended["status"], "interrupted", "{ended}");
+    let after = run("after the abort".into()).await;
+    assert_eq!(after["status"], "completed", "{after}");
+    assert_eq!(after["result"], "MOCK_REPLY: after the abort");
+    let evs = events(&app, &sid).await;
+    let last_pid = evs
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "turn.started")
+        .unwrap()
+        .1["pid"]
+        .as_i64();
+    assert_eq!(last_pid, Some(pids[0]));
+}
+
+#[tokio::test]
+async fn a_new_worker_resumes_the_opencode_session() {
+    let mock = mock(Duration::from_millis(5)).await;
+    let Some(mut app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
+        return;
+    };
+    let created: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&json!({"provider": "opencode", "model": "mock/mock-model"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = created["id"].as_str().unwrap().to_owned();
+    let first = run(&app, &sid, "remember mango").await;
+    assert_eq!(first["status"], "completed", "{first}");
+    let old_pid = app.get_json(&format!("/v1/sessions/{sid}")).await["process"]["pid"].as_i64();
+    // The worker stops (and its server with it); a new worker starts a new server on the
+    // same HOME and picks the OpenCode session up again.
+    app.worker.take().unwrap().stop().await;
+    if let Some(pid) = old_pid {
+        let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
+        assert!(!alive, "the old OpenCode server {pid} survived its worker");
+    }
+    app.worker = Some(app.start_worker().await);
+    let second = run(&app, &sid, "which fruit").await;
+    assert_eq!(second["status"], "completed", "{second}");
+    let evs = events(&app, &sid).await;
+    let started: Vec<&Value> = evs
+        .iter()
+        .filter(|(t, _)| t == "turn.started")
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(started.last().unwrap()["resumed"], true, "{started:?}");
+    assert!(!evs.iter().any(|(t, _)| t == "session.context_lost"));
+    let with_second = requests_with(&mock, "which fruit");
+    assert!(
+        with_second
+            .iter()
+            .any(|r| r["body"]["messages"].to_string().contains("remember mango")),
+        "{with_second:#?}"
+    );
+}
