@@ -32,6 +32,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 const HEALTH_FAILURES: u32 = 2;
 /// Longest wait between restarts after repeated failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A server that ran this long did not die young: its replacement starts at once.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
 /// After an abort OpenCode reports idle twice; the second one must not reach the next turn.
 const SETTLE_AFTER_ABORT: Duration = Duration::from_millis(300);
 const STDERR_TAIL: usize = 20;
@@ -58,8 +60,9 @@ pub struct OpenCodeHost {
 #[derive(Debug, Default)]
 struct HostState {
     server: Option<Arc<Server>>,
+    /// Servers that died young (or failed to start) in a row.
     failures: u32,
-    not_before: Option<tokio::time::Instant>,
+    started_at: Option<tokio::time::Instant>,
 }
 
 /// A running `opencode serve`.
@@ -90,7 +93,9 @@ impl OpenCodeHost {
         }
     }
 
-    /// The live server, started (or restarted) when there is none.
+    /// The live server, started (or restarted) when there is none. Restarts back off:
+    /// a server that dies young (or fails to start) makes the next start wait 2, 4, 8, …
+    /// up to 30 s after the previous one; one that lived a while is replaced at once.
     pub async fn server(&self, spec: &HostSpec) -> Result<Arc<Server>, Error> {
         let mut st = self.state.lock().await;
         if let Some(s) = &st.server
@@ -99,35 +104,36 @@ impl OpenCodeHost {
             return Ok(s.clone());
         }
         if let Some(dead) = st.server.take() {
-            st.failures += 1;
-            tracing::warn!(reason = %dead.why_dead(), "the OpenCode server is gone; restarting it");
+            let young = st.started_at.is_some_and(|t| t.elapsed() < HEALTHY_AFTER);
+            st.failures = if young { st.failures + 1 } else { 0 };
+            tracing::warn!(reason = %dead.why_dead(), failures = st.failures, "the OpenCode server is gone; restarting it");
         }
-        if let Some(at) = st.not_before {
+        if st.failures > 0
+            && let Some(last) = st.started_at
+        {
+            let at = last + backoff(st.failures);
             tokio::select! {
                 () = tokio::time::sleep_until(at) => {}
                 () = self.token.cancelled() => return Err(Error::NotReady("the worker is stopping".into())),
             }
         }
+        st.started_at = Some(tokio::time::Instant::now());
         match Server::start(spec, &self.tracker, &self.token).await {
             Ok(server) => {
                 st.server = Some(server.clone());
-                // The backoff grows while servers keep dying young; a healthy one resets it
-                // on its next restart only if it lived long (see `failures` use above).
-                let backoff = Duration::from_secs(1 << st.failures.min(5)).min(MAX_BACKOFF);
-                st.not_before = Some(tokio::time::Instant::now() + backoff);
-                if st.failures > 0 {
-                    st.failures -= 1;
-                }
                 Ok(server)
             }
             Err(e) => {
                 st.failures += 1;
-                let backoff = Duration::from_secs(1 << st.failures.min(5)).min(MAX_BACKOFF);
-                st.not_before = Some(tokio::time::Instant::now() + backoff);
                 Err(e)
             }
         }
     }
+}
+
+/// The wait before the next start after `failures` quick failures in a row.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.min(5)).min(MAX_BACKOFF)
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -325,13 +331,16 @@ impl Server {
         loop {
             tokio::select! {
                 code = child.wait() => {
-                    let t = tail.lock().unwrap_or_else(PoisonError::into_inner);
-                    let why = format!(
-                        "the OpenCode server exited (code {code:?}): {}",
-                        t.iter().cloned().collect::<Vec<_>>().join("\n")
-                    );
-                    drop(t);
-                    self.die(why);
+                    let stderr = tail
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    self.die(format!("the OpenCode server exited (code {code:?}): {stderr}"));
+                    // Whatever the server left behind in its group (tools) goes too.
+                    child.stop(grace).await;
                     return;
                 }
                 () = stop.cancelled() => {
@@ -619,4 +628,15 @@ impl Drop for OpenCodeSession {
 
 fn http_err(e: reqwest::Error) -> Error {
     Error::NotReady(format!("OpenCode server: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_exponentially_up_to_a_cap() {
+        let waits: Vec<u64> = (1..=7).map(|f| backoff(f).as_secs()).collect();
+        assert_eq!(waits, [2, 4, 8, 16, 30, 30, 30]);
+    }
 }

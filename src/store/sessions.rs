@@ -384,3 +384,26 @@ pub async fn set_title(
     tx.commit().await?;
     Ok(Some(row))
 }
+
+/// Sets the provider and model of a session that has not run a turn yet (an OpenCode
+/// client picks its model with the first prompt); `false` when it already has turns.
+pub async fn set_model_before_first_turn(
+    db: impl PgExecutor<'_>,
+    tenant: TenantId,
+    id: SessionId,
+    provider: Provider,
+    model: Option<&str>,
+) -> Result<bool> {
+    let n = sqlx::query(
+        "update sessions set provider = $3, model = $4, updated_at = now()
+          where session_id = $1 and tenant_id = $2 and status <> 'deleted' and last_turn_seq = 0",
+    )
+    .bind(id)
+    .bind(tenant)
+    .bind(provider.as_str())
+    .bind(model)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}

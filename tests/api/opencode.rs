@@ -747,7 +747,7 @@ fn real_clients() -> Option<(PathBuf, PathBuf)> {
 
 /// An isolated HOME/XDG and the offline switches of docs/opencode.md, for an OpenCode
 /// process (server or client).
-fn isolate(cmd: &mut tokio::process::Command, home: &Path) {
+pub(crate) fn isolate(cmd: &mut tokio::process::Command, home: &Path) {
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", home)

@@ -259,3 +259,154 @@ async fn a_new_worker_resumes_the_opencode_session() {
         "{with_second:#?}"
     );
 }
+
+#[tokio::test]
+async fn a_killed_server_fails_its_turn_and_the_next_turn_gets_a_new_one() {
+    let mock = mock(Duration::from_millis(20)).await;
+    let Some(app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
+        return;
+    };
+    let created: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&json!({"provider": "opencode", "model": "mock/mock-model"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = created["id"].as_str().unwrap().to_owned();
+    let first = run(&app, &sid, "remember kiwi").await;
+    assert_eq!(first["status"], "completed", "{first}");
+    let pid = app.get_json(&format!("/v1/sessions/{sid}")).await["process"]["pid"]
+        .as_i64()
+        .unwrap();
+
+    // kill -9 in the middle of a streaming turn.
+    let long = (0..80)
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let turn: Value = app
+        .post(&format!("/v1/sessions/{sid}/turns"), &app.admin_key)
+        .json(&json!({ "prompt": long }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let turn_id = turn["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>(
+        "select count(*) from session_events where turn_id = $1::uuid and type = 'text.delta'",
+    )
+    .bind(&turn_id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "no delta");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let ended = loop {
+        let t = app.get_json(&format!("/v1/turns/{turn_id}")).await;
+        if t["status"] != "running" && t["status"] != "queued" {
+            break t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the turn did not end: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert!(
+        ended["error"].as_str().unwrap().contains("OpenCode"),
+        "{ended}"
+    );
+
+    // The next turn starts a new server and continues the same OpenCode session.
+    let next = run(&app, &sid, "which fruit was it").await;
+    assert_eq!(next["status"], "completed", "{next}");
+    let evs = events(&app, &sid).await;
+    let last = &evs
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "turn.started")
+        .unwrap()
+        .1;
+    assert_ne!(last["pid"].as_i64(), Some(pid));
+    assert_eq!(last["resumed"], true);
+    let with_next = requests_with(&mock, "which fruit was it");
+    assert!(
+        with_next
+            .iter()
+            .any(|r| r["body"]["messages"].to_string().contains("remember kiwi")),
+        "{with_next:#?}"
+    );
+}
+
+#[tokio::test]
+async fn opencode_run_attaches_to_hotplex_running_the_opencode_provider() {
+    // OpenCode in front and behind: the real client talks to hotplex's OpenCode API, and
+    // hotplex runs the prompt on its OpenCode provider (chosen by the client's --model).
+    let mock = mock(Duration::from_millis(5)).await;
+    let Some(app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
+        return;
+    };
+    let bin = std::path::PathBuf::from(std::env::var("HOTPLEX_TEST_OPENCODE").unwrap());
+    let home = tempfile::tempdir().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(&bin);
+    crate::opencode::isolate(&mut cmd, home.path());
+    cmd.args([
+        "run",
+        "--attach",
+        &app.url(""),
+        "--password",
+        &app.admin_key,
+    ])
+    .args([
+        "--model",
+        "opencode/mock/mock-model",
+        "--format",
+        "json",
+        "hello",
+        "both",
+        "ways",
+    ])
+    .current_dir(project.path())
+    .stdin(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("opencode run timed out")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["type"] == "text")
+        .unwrap_or_else(|| panic!("no text line in {stdout}"));
+    assert_eq!(
+        text["part"]["text"], "MOCK_REPLY: hello both ways",
+        "{stdout}"
+    );
+    let provider: String = sqlx::query_scalar("select provider from sessions")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(provider, "opencode");
+}

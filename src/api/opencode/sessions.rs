@@ -357,6 +357,8 @@ struct Prompt {
     text: String,
     message_id: Option<String>,
     agent: Option<String>,
+    /// `{providerID, modelID}` when the client named one.
+    model: Option<(Provider, Option<String>)>,
 }
 
 fn parse_prompt(body: &Bytes) -> Result<Prompt, OcError> {
@@ -417,10 +419,15 @@ fn parse_prompt(body: &Bytes) -> Result<Prompt, OcError> {
     {
         return Err(OcError::bad_request(format!("unknown agent {a:?}")));
     }
+    let model = match req.get("model") {
+        None | Some(Value::Null) => None,
+        Some(m) => Some(pick_model(Some(m))?),
+    };
     Ok(Prompt {
         text,
         message_id,
         agent,
+        model,
     })
 }
 
@@ -432,6 +439,29 @@ async fn enqueue(
     body: &Bytes,
 ) -> Result<turns::TurnRow, OcError> {
     let prompt = parse_prompt(body)?;
+    if let Some((provider, model)) = &prompt.model {
+        let current = (row.provider().unwrap_or_default(), row.model.clone());
+        if current != (*provider, model.clone()) {
+            // The first prompt may choose the model (`opencode run --model`); later ones
+            // cannot switch a running conversation to another agent.
+            let switched = sessions::set_model_before_first_turn(
+                &state.pool,
+                caller.0.tenant_id,
+                row.session_id,
+                *provider,
+                model.as_deref(),
+            )
+            .await?;
+            if !switched {
+                let (p, m) = view::model_of(row);
+                return Err(OcError::bad_request(format!(
+                    "this session runs {p}/{m}; start a new session to use {}/{}",
+                    provider.as_str(),
+                    model.as_deref().unwrap_or("default")
+                )));
+            }
+        }
+    }
     let hash: [u8; 32] = Sha256::digest(prompt.text.as_bytes()).into();
     let new = NewTurn {
         tenant_id: caller.0.tenant_id,
