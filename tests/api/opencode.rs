@@ -909,3 +909,124 @@ async fn the_sdk_checks_hold_against_the_real_opencode_serve() {
     run_sdk_check(&url, "unused", "MOCK_REPLY: ", &[]).await;
     let _ = child.kill().await;
 }
+
+/// Text of a terminal's output with the escape sequences taken out (roughly: enough to
+/// find words the TUI drew).
+fn strip_ansi(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            match chars.next() {
+                Some('[') => {
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() || c == '~' {
+                            break;
+                        }
+                    }
+                }
+                Some(']') => {
+                    while let Some(c) = chars.next() {
+                        if c == '\u{7}' || (c == '\u{1b}' && chars.next_if_eq(&'\\').is_some()) {
+                            break;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_opencode_tui_completes_a_prompt_against_hotplex() {
+    use std::io::{Read, Write};
+    let Some((opencode, _)) = real_clients() else {
+        return;
+    };
+    let app = TestApp::spawn_with_worker(|_| {}).await;
+    let home = tempfile::tempdir().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    // The TUI needs a terminal: a pseudo-terminal of 120×40.
+    let size = nix::pty::Winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut cmd = tokio::process::Command::new(&opencode);
+    isolate(&mut cmd, home.path());
+    cmd.env("TERM", "xterm-256color")
+        .args(["attach", &app.url(""), "--password", &app.admin_key])
+        .current_dir(project.path())
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let master = std::fs::File::from(pty.master);
+    let mut writer = master.try_clone().unwrap();
+    let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        // Reads everything the TUI draws and answers its terminal queries.
+        let screen = screen.clone();
+        let mut reader = master;
+        let mut answer = writer.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let chunk = &buf[..n];
+                if chunk.windows(4).any(|w| w == b"\x1b[6n") {
+                    let _ = answer.write_all(b"\x1b[1;1R");
+                }
+                if chunk.windows(3).any(|w| w == b"\x1b[c") {
+                    let _ = answer.write_all(b"\x1b[?62;c");
+                }
+                screen.lock().unwrap().extend_from_slice(chunk);
+            }
+        });
+    }
+    let wait_for = |needle: &'static str, secs: u64| {
+        let screen = screen.clone();
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+            loop {
+                let text = strip_ansi(&screen.lock().unwrap());
+                if text.contains(needle) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the TUI never showed {needle:?}; it showed:\n{}",
+                    &text[text.len().saturating_sub(3000)..]
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for("Ask anything", 60).await;
+    // Its model picker shows hotplex's catalogue.
+    wait_for("Claude Code (hotplex)", 10).await;
+    writer.write_all(b"hello from the tui").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    writer.write_all(b"\r").unwrap();
+    wait_for("FAKE-ECHO(turn 1): hello from the tui", 60).await;
+    let (prompt, status): (String, String) = sqlx::query_as("select prompt, status from turns")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (prompt.as_str(), status.as_str()),
+        ("hello from the tui", "completed")
+    );
+    let _ = child.kill().await;
+}
