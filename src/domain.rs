@@ -347,6 +347,22 @@ pub fn parse_tool_rules(field: &'static str, rules: &[String]) -> Result<Vec<Str
 }
 
 /// A short human label (key names and the like).
+/// An agent persona name (OpenCode's `agent`): 1-64 letters, digits, `-` or `_`.
+pub fn parse_agent(s: &str) -> Result<String, Invalid> {
+    if s.is_empty()
+        || s.len() > 64
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Invalid::new(
+            "agent",
+            "must be 1-64 letters, digits, `-` or `_`",
+        ));
+    }
+    Ok(s.to_owned())
+}
+
 pub fn parse_label(field: &'static str, s: &str) -> Result<String, Invalid> {
     if s.trim().is_empty() {
         return Err(Invalid::new(field, "must not be empty"));

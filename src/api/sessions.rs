@@ -48,6 +48,9 @@ pub struct CreateSessionRequest {
     /// The agent's permission mode.
     #[serde(default)]
     pub permission_mode: PermissionMode,
+    /// The agent persona of an `opencode` session (`build`, `plan`, or one defined in its
+    /// config); not available for `claude-code`.
+    pub agent: Option<String>,
     /// Your own id for the session (a chat thread, a ticket). With it the session id is
     /// `UUIDv5(NAMESPACE_URL, "{namespace}:session:{external_id}")` and creating it again
     /// returns the same session.
@@ -75,6 +78,7 @@ pub struct SessionResponse {
     pub allowed_tools: Vec<String>,
     pub disallowed_tools: Vec<String>,
     pub permission_mode: PermissionMode,
+    pub agent: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_active_at: DateTime<Utc>,
@@ -113,6 +117,7 @@ impl TryFrom<SessionRow> for SessionResponse {
             allowed_tools: row.options.0.allowed_tools,
             disallowed_tools: row.options.0.disallowed_tools,
             permission_mode: row.options.0.permission_mode,
+            agent: row.options.0.agent.clone(),
             created_at: row.created_at,
             updated_at: row.updated_at,
             last_active_at: row.last_active_at,
@@ -135,6 +140,12 @@ fn validate(
         .map(|w| WorkDir::parse(w, &roots))
         .transpose()?;
     let model = req.model.as_deref().map(domain::parse_model).transpose()?;
+    let agent = req.agent.as_deref().map(domain::parse_agent).transpose()?;
+    if agent.is_some() && req.provider != Provider::OpenCode {
+        return Err(
+            domain::Invalid::new("agent", "is only available for `opencode` sessions").into(),
+        );
+    }
     let system_prompt = req
         .system_prompt
         .as_deref()
@@ -176,6 +187,7 @@ fn validate(
             allowed_tools,
             disallowed_tools,
             permission_mode: req.permission_mode,
+            agent,
         },
         title: req.title.map(|t| parse_title(&t)).transpose()?,
         directory: None,

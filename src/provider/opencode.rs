@@ -389,6 +389,10 @@ pub struct SessionSpec {
     pub model: Option<String>,
     /// The agent persona (`build`, `plan`, …).
     pub agent: Option<String>,
+    /// Extra system prompt, sent with every prompt (OpenCode keeps none per session).
+    pub system: Option<String>,
+    /// Tools switched off (`{"webfetch": false}` on every prompt).
+    pub disabled_tools: Vec<String>,
 }
 
 /// How a session attached to the server.
@@ -410,6 +414,8 @@ pub struct OpenCodeSession {
     cwd: PathBuf,
     model: Option<(String, String)>,
     agent: Option<String>,
+    system: Option<String>,
+    disabled_tools: Vec<String>,
     rx: mpsc::UnboundedReceiver<Routed>,
     turn: Option<TurnMapper>,
     /// Mapped events not handed out yet (one OpenCode event can make several).
@@ -488,6 +494,8 @@ impl OpenCodeSession {
             cwd: spec.cwd.clone(),
             model,
             agent: spec.agent.clone(),
+            system: spec.system.clone(),
+            disabled_tools: spec.disabled_tools.clone(),
             rx,
             turn: None,
             pending: VecDeque::new(),
@@ -522,6 +530,17 @@ impl OpenCodeSession {
         }
         if let Some(a) = &self.agent {
             body["agent"] = json!(a);
+        }
+        if let Some(system) = &self.system {
+            body["system"] = json!(system);
+        }
+        if !self.disabled_tools.is_empty() {
+            let off: serde_json::Map<String, Value> = self
+                .disabled_tools
+                .iter()
+                .map(|t| (t.to_lowercase(), Value::Bool(false)))
+                .collect();
+            body["tools"] = Value::Object(off);
         }
         self.turn = Some(TurnMapper::new(message_id));
         let r = self

@@ -18,6 +18,8 @@ pub struct SessionOptions {
     pub allowed_tools: Vec<String>,
     pub disallowed_tools: Vec<String>,
     pub permission_mode: PermissionMode,
+    /// The agent persona of OpenCode sessions (`build`, `plan`, or one of its config).
+    pub agent: Option<String>,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]

@@ -366,7 +366,9 @@ impl Actor {
             known,
             cwd,
             model: row.model.clone().filter(|m| m != "default"),
-            agent: None,
+            agent: row.options.0.agent.clone(),
+            system: row.options.0.system_prompt.clone(),
+            disabled_tools: row.options.0.disallowed_tools.clone(),
         };
         let (session, attached) = OpenCodeSession::open(server, &session_spec)
             .await

@@ -34,6 +34,9 @@ async fn wrong_types_unknown_fields_and_bad_values_are_422() {
         (r#"{"external_id": "a", "namespace": "a:b"}"#, "namespace"),
         (r#"{"external_id": ""}"#, "external_id"),
         (r#"{"model": "a\u0007b"}"#, "model"),
+        (r#"{"agent": "plan"}"#, "agent"),
+        (r#"{"provider": "opencode", "agent": "a b"}"#, "agent"),
+        (r#"{"title": "two\nlines"}"#, "title"),
         ("[]", "object"),
         (r#"["opencode"]"#, "object"),
     ] {

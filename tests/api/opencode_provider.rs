@@ -66,7 +66,8 @@ async fn opencode_sessions_stay_warm_keep_context_run_tools_and_abort() {
     };
     let created: Value = app
         .post("/v1/sessions", &app.admin_key)
-        .json(&json!({"provider": "opencode", "model": "mock/mock-model"}))
+        .json(&json!({"provider": "opencode", "model": "mock/mock-model",
+                      "agent": "build", "system_prompt": "SYSTEM-MARKER-42"}))
         .send()
         .await
         .unwrap()
@@ -98,6 +99,13 @@ async fn opencode_sessions_stay_warm_keep_context_run_tools_and_abort() {
         with_second
             .iter()
             .any(|r| r["body"]["messages"].to_string().contains("pineapple")),
+        "{with_second:#?}"
+    );
+    // The session's system prompt reaches the model with every prompt.
+    assert!(
+        with_second.iter().all(|r| r["body"]["messages"]
+            .to_string()
+            .contains("SYSTEM-MARKER-42")),
         "{with_second:#?}"
     );
     // Warm: both turns ran on the same server process.

@@ -44,7 +44,9 @@ async fn create_with_defaults_and_with_every_field() {
             "system_prompt": "Be brief.\nAlways.",
             "allowed_tools": ["Bash(git diff:*)", "Read"],
             "disallowed_tools": ["WebFetch"],
-            "permission_mode": "acceptEdits"
+            "permission_mode": "acceptEdits",
+            "agent": "plan",
+            "title": "Demo"
         }),
     )
     .await;
@@ -56,6 +58,9 @@ async fn create_with_defaults_and_with_every_field() {
     assert_eq!(s["allowed_tools"], json!(["Bash(git diff:*)", "Read"]));
     assert_eq!(s["disallowed_tools"], json!(["WebFetch"]));
     assert_eq!(s["permission_mode"], "acceptEdits");
+    assert_eq!(s["agent"], "plan");
+    assert_eq!(s["title"], "Demo");
+    assert!(s["opencode_id"].as_str().unwrap().starts_with("ses_"));
 
     let got: Value = app
         .get_json(&format!("/v1/sessions/{}", s["id"].as_str().unwrap()))

@@ -122,6 +122,14 @@ pub async fn create(
         .as_deref()
         .and_then(|d| WorkDir::parse(d, &roots).ok())
         .map(|w| w.as_str().to_owned());
+    // OpenCode's persona (`build` by default) means something to the OpenCode provider
+    // only; other providers run their agent as configured.
+    let agent = match opt_str(&req, "agent")? {
+        Some(a) if provider == Provider::OpenCode => {
+            Some(domain::parse_agent(a).map_err(|e| OcError::bad_request(e.to_string()))?)
+        }
+        _ => None,
+    };
     let new = NewSession {
         session_id: domain::SessionId::new_random(),
         tenant_id: caller.0.tenant_id,
@@ -130,7 +138,10 @@ pub async fn create(
         provider,
         work_dir,
         model,
-        options: SessionOptions::default(),
+        options: SessionOptions {
+            agent,
+            ..SessionOptions::default()
+        },
         title,
         directory: scope.directory,
     };
