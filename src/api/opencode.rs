@@ -49,9 +49,9 @@ pub fn routes() -> Router<AppState> {
                 .patch(sessions::update)
                 .delete(sessions::delete),
         )
-        .route("/session/{id}/children", get(sessions::children))
-        .route("/session/{id}/todo", get(sessions::todo))
-        .route("/session/{id}/diff", get(sessions::diff))
+        .route("/session/{id}/children", get(sessions::empty_list))
+        .route("/session/{id}/todo", get(sessions::empty_list))
+        .route("/session/{id}/diff", get(sessions::empty_list))
         .route(
             "/session/{id}/message",
             get(sessions::messages).post(sessions::prompt),

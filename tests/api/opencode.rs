@@ -96,6 +96,11 @@ fn oc(
     r
 }
 
+/// Sends the request; its JSON body.
+async fn json_of(r: reqwest::RequestBuilder) -> Value {
+    r.send().await.unwrap().json().await.unwrap()
+}
+
 fn is_event_id(id: &str) -> bool {
     id.len() == 30
         && id.starts_with("evt_")
@@ -188,22 +193,16 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
     global.next(Duration::from_secs(5)).await;
 
     // A session of another directory: not on this directory's stream, nor in its list.
-    let other: Value = oc(&app, reqwest::Method::POST, "/session", Some("/srv/other"))
-        .json(&json!({"title": "elsewhere"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let session: Value = oc(&app, reqwest::Method::POST, "/session", Some(dir))
-        .json(&json!({"title": "mine", "model": {"providerID": "claude-code", "id": "default"}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let other = json_of(
+        oc(&app, reqwest::Method::POST, "/session", Some("/srv/other"))
+            .json(&json!({"title": "elsewhere"})),
+    )
+    .await;
+    let session =
+        json_of(oc(&app, reqwest::Method::POST, "/session", Some(dir)).json(
+            &json!({"title": "mine", "model": {"providerID": "claude-code", "id": "default"}}),
+        ))
+        .await;
     let sid = session["id"].as_str().unwrap().to_owned();
     assert!(sid.starts_with("ses_") && sid.len() == 30, "{session}");
     assert_eq!(session["title"], "mine");
@@ -213,18 +212,13 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
     let created = events.next(Duration::from_secs(5)).await;
     assert_eq!(created["type"], "session.created");
     assert_eq!(created["properties"]["info"]["id"], sid.as_str());
-    let listed: Value = oc(
+    let listed = json_of(oc(
         &app,
         reqwest::Method::GET,
         &format!("/session?directory={dir}"),
         None,
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    ))
+    .await;
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
     // The native API sees the same session.
     let native = app.get_json("/v1/sessions").await;
@@ -303,19 +297,16 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
     );
 
     // The blocking prompt answers with the last assistant message.
-    let reply: Value = oc(
-        &app,
-        reqwest::Method::POST,
-        &format!("/session/{sid}/message"),
-        Some(dir),
+    let reply = json_of(
+        oc(
+            &app,
+            reqwest::Method::POST,
+            &format!("/session/{sid}/message"),
+            Some(dir),
+        )
+        .json(&json!({"parts": [{"type": "text", "text": "again"}]})),
     )
-    .json(&json!({"parts": [{"type": "text", "text": "again"}]}))
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(reply["info"]["role"], "assistant");
     let types: Vec<&str> = reply["parts"]
         .as_array()
@@ -337,18 +328,13 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
         .await;
 
     // Messages read back: user, assistant, user, assistant, with ascending ids.
-    let messages: Value = oc(
+    let messages = json_of(oc(
         &app,
         reqwest::Method::GET,
         &format!("/session/{sid}/message"),
         None,
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    ))
+    .await;
     let roles: Vec<&str> = messages
         .as_array()
         .unwrap()
@@ -363,31 +349,21 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
         .map(|m| m["info"]["id"].as_str().unwrap())
         .collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-    let one: Value = oc(
+    let one = json_of(oc(
         &app,
         reqwest::Method::GET,
         &format!("/session/{sid}/message/{}", ids[0]),
         None,
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    ))
+    .await;
     assert_eq!(one["info"]["id"], ids[0]);
-    let last: Value = oc(
+    let last = json_of(oc(
         &app,
         reqwest::Method::GET,
         &format!("/session/{sid}/message?limit=1"),
         None,
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    ))
+    .await;
     assert_eq!(last.as_array().unwrap().len(), 1);
 
     // Abort mid-stream: MessageAbortedError, then idle; the session goes on.
@@ -407,26 +383,15 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
             Duration::from_secs(30),
         )
         .await;
-    let status: Value = oc(&app, reqwest::Method::GET, "/session/status", Some(dir))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = json_of(oc(&app, reqwest::Method::GET, "/session/status", Some(dir))).await;
     assert_eq!(status, json!({ sid.as_str(): {"type": "busy"} }));
-    let aborted: Value = oc(
+    let aborted = json_of(oc(
         &app,
         reqwest::Method::POST,
         &format!("/session/{sid}/abort"),
         Some(dir),
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    ))
+    .await;
     assert_eq!(aborted, json!(true));
     let rest = events
         .until(|e| e["type"] == "session.idle", Duration::from_secs(30))
@@ -448,19 +413,16 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
     assert!(info["properties"]["info"]["time"]["completed"].is_i64());
 
     // Update and delete.
-    let renamed: Value = oc(
-        &app,
-        reqwest::Method::PATCH,
-        &format!("/session/{sid}"),
-        Some(dir),
+    let renamed = json_of(
+        oc(
+            &app,
+            reqwest::Method::PATCH,
+            &format!("/session/{sid}"),
+            Some(dir),
+        )
+        .json(&json!({"title": "renamed"})),
     )
-    .json(&json!({"title": "renamed"}))
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert_eq!(renamed["title"], "renamed");
     let updated = events
         .until(|e| e["type"] == "session.updated", Duration::from_secs(5))
@@ -469,18 +431,13 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
         updated.last().unwrap()["properties"]["info"]["title"],
         "renamed"
     );
-    let deleted: Value = oc(
+    let deleted = json_of(oc(
         &app,
         reqwest::Method::DELETE,
         &format!("/session/{sid}"),
         Some(dir),
-    )
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    ))
+    .await;
     assert_eq!(deleted, json!(true));
     events
         .until(|e| e["type"] == "session.deleted", Duration::from_secs(5))
@@ -520,13 +477,7 @@ async fn errors_are_opencodes_and_auth_takes_the_key_as_basic_password() {
     named(404, "NotFoundError")(call(oc(&app, reqwest::Method::GET, "/tui/nothing", None)).await);
     named(400, "BadRequest")(call(oc(&app, reqwest::Method::GET, "/session/nope", None)).await);
 
-    let session: Value = oc(&app, reqwest::Method::POST, "/session", None)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session = json_of(oc(&app, reqwest::Method::POST, "/session", None)).await;
     assert!(
         session["title"]
             .as_str()
@@ -745,9 +696,52 @@ fn real_clients() -> Option<(PathBuf, PathBuf)> {
     }
 }
 
+/// Runs `opencode run --attach URL --password KEY ARGS…` with a HOME of its own in a fresh
+/// project directory; its stdout (it must exit 0).
+pub(crate) async fn run_attach(opencode: &Path, url: &str, key: &str, args: &[&str]) -> String {
+    let home = tempfile::tempdir().unwrap();
+    let project = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(opencode);
+    isolate(&mut cmd, home.path());
+    cmd.args(["run", "--attach", url, "--password", key])
+        .args(args)
+        .current_dir(project.path())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("opencode run timed out")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// [`run_attach`] with `--format json`: the text of the reply's `text` line.
+pub(crate) async fn run_attach_text(
+    opencode: &Path,
+    url: &str,
+    key: &str,
+    args: &[&str],
+) -> String {
+    let mut all = vec!["--format", "json"];
+    all.extend_from_slice(args);
+    let stdout = run_attach(opencode, url, key, &all).await;
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["type"] == "text")
+        .and_then(|l| l["part"]["text"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no text line in {stdout}"))
+}
+
 /// An isolated HOME/XDG and the offline switches of docs/opencode.md, for an OpenCode
 /// process (server or client).
-pub(crate) fn isolate(cmd: &mut tokio::process::Command, home: &Path) {
+fn isolate(cmd: &mut tokio::process::Command, home: &Path) {
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", home)
@@ -791,67 +785,17 @@ async fn the_real_sdk_and_opencode_run_drive_hotplex_fronting_claude_code() {
     .await;
 
     // `opencode run --attach` prints the reply (and its JSON parts), with its own HOME.
-    let home = tempfile::tempdir().unwrap();
-    let project = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(&opencode);
-    isolate(&mut cmd, home.path());
-    cmd.args([
-        "run",
-        "--attach",
+    let text = run_attach_text(
+        &opencode,
         &url,
-        "--password",
         &app.admin_key,
-        "--format",
-        "json",
-        "hello",
-        "from",
-        "opencode",
-    ])
-    .current_dir(project.path())
-    .stdin(Stdio::null())
-    .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .expect("opencode run timed out")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["type"] == "text")
-        .unwrap_or_else(|| panic!("no text line in {stdout}"));
-    assert_eq!(
-        text["part"]["text"], "MOCK-ECHO: hello from opencode",
-        "{stdout}"
-    );
+        &["hello", "from", "opencode"],
+    )
+    .await;
+    assert_eq!(text, "MOCK-ECHO: hello from opencode");
     // The plain format prints just the reply.
-    let mut cmd = tokio::process::Command::new(&opencode);
-    isolate(&mut cmd, home.path());
-    cmd.args([
-        "run",
-        "--attach",
-        &url,
-        "--password",
-        &app.admin_key,
-        "second",
-        "prompt",
-    ])
-    .current_dir(project.path())
-    .stdin(Stdio::null())
-    .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("MOCK-ECHO: second prompt"),
-        "{out:?}"
-    );
+    let out = run_attach(&opencode, &url, &app.admin_key, &["second", "prompt"]).await;
+    assert!(out.contains("MOCK-ECHO: second prompt"), "{out}");
 }
 
 #[tokio::test]

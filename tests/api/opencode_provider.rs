@@ -43,6 +43,103 @@ fn requests_with(mock: &hotplex::mock_llm::openai::MockServer, needle: &str) -> 
         .collect()
 }
 
+/// A `/v1` session on the OpenCode provider (with `extra` settings); its id.
+async fn opencode_session(app: &TestApp, extra: Value) -> String {
+    let mut body = json!({"provider": "opencode", "model": "mock/mock-model"});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    let created: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_str().unwrap().to_owned()
+}
+
+/// Posts a long prompt (80 words, streamed word by word) and waits for its first delta;
+/// the turn id.
+async fn start_long_turn(app: &TestApp, sid: &str) -> String {
+    let long = (0..80)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let turn: Value = app
+        .post(&format!("/v1/sessions/{sid}/turns"), &app.admin_key)
+        .json(&json!({ "prompt": long }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let turn_id = turn["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while sqlx::query_scalar::<_, i64>(
+        "select count(*) from session_events where turn_id = $1::uuid and type = 'text.delta'",
+    )
+    .bind(&turn_id)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+        == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no delta of the long turn"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    turn_id
+}
+
+/// Waits until the turn has ended; the turn.
+async fn ended(app: &TestApp, turn_id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = app.get_json(&format!("/v1/turns/{turn_id}")).await;
+        if t["status"] != "running" && t["status"] != "queued" {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the turn did not end: {t}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The session's last turn resumed the OpenCode session: no context was lost, and the
+/// model request of `question` carried the earlier `remembered` prompt.
+async fn assert_resumed_with_context(
+    app: &TestApp,
+    mock: &hotplex::mock_llm::openai::MockServer,
+    sid: &str,
+    question: &str,
+    remembered: &str,
+) {
+    let evs = events(app, sid).await;
+    let last = &evs
+        .iter()
+        .rev()
+        .find(|(t, _)| t == "turn.started")
+        .unwrap()
+        .1;
+    assert_eq!(last["resumed"], true, "{last}");
+    assert!(!evs.iter().any(|(t, _)| t == "session.context_lost"));
+    let requests = requests_with(mock, question);
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["body"]["messages"].to_string().contains(remembered)),
+        "{requests:#?}"
+    );
+}
+
 /// Runs a prompt to its end (`?wait=true`); the finished turn.
 async fn run(app: &TestApp, sid: &str, prompt: &str) -> Value {
     app.post(
@@ -64,17 +161,11 @@ async fn opencode_sessions_stay_warm_keep_context_run_tools_and_abort() {
     let Some(app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
         return;
     };
-    let created: Value = app
-        .post("/v1/sessions", &app.admin_key)
-        .json(&json!({"provider": "opencode", "model": "mock/mock-model",
-                      "agent": "build", "system_prompt": "SYSTEM-MARKER-42"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = created["id"].as_str().unwrap().to_owned();
+    let sid = opencode_session(
+        &app,
+        json!({"agent": "build", "system_prompt": "SYSTEM-MARKER-42"}),
+    )
+    .await;
     let turns = format!("/v1/sessions/{sid}/turns");
     let run = |prompt: String| {
         let req = app
@@ -155,55 +246,14 @@ async fn opencode_sessions_stay_warm_keep_context_run_tools_and_abort() {
     );
 
     // Abort mid-stream: the turn ends interrupted, the next one runs on the same process.
-    let long = (0..80)
-        .map(|i| format!("w{i}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let turn: Value = app
-        .post(&turns, &app.admin_key)
-        .json(&json!({ "prompt": long }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let turn_id = turn["id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let n: i64 = sqlx::query_scalar(
-            "select count(*) from session_events where turn_id = $1::uuid and type = 'text.delta'",
-        )
-        .bind(&turn_id)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap();
-        if n > 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no delta of the long turn"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let turn_id = start_long_turn(&app, &sid).await;
     let r = app
         .post(&format!("/v1/sessions/{sid}/interrupt"), &app.admin_key)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let ended = loop {
-        let t = app.get_json(&format!("/v1/turns/{turn_id}")).await;
-        if t["status"] != "running" && t["status"] != "queued" {
-            break t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the aborted turn did not end: {t}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let ended = ended(&app, &turn_id).await;
     assert_eq!(ended["status"], "interrupted", "{ended}");
     let after = run("after the abort".into()).await;
     assert_eq!(after["status"], "completed", "{after}");
@@ -225,16 +275,7 @@ async fn a_new_worker_resumes_the_opencode_session() {
     let Some(mut app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
         return;
     };
-    let created: Value = app
-        .post("/v1/sessions", &app.admin_key)
-        .json(&json!({"provider": "opencode", "model": "mock/mock-model"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = created["id"].as_str().unwrap().to_owned();
+    let sid = opencode_session(&app, json!({})).await;
     let first = run(&app, &sid, "remember mango").await;
     assert_eq!(first["status"], "completed", "{first}");
     let old_pid = app.get_json(&format!("/v1/sessions/{sid}")).await["process"]["pid"].as_i64();
@@ -251,21 +292,7 @@ async fn a_new_worker_resumes_the_opencode_session() {
     app.worker = Some(app.start_worker().await);
     let second = run(&app, &sid, "which fruit").await;
     assert_eq!(second["status"], "completed", "{second}");
-    let evs = events(&app, &sid).await;
-    let started: Vec<&Value> = evs
-        .iter()
-        .filter(|(t, _)| t == "turn.started")
-        .map(|(_, p)| p)
-        .collect();
-    assert_eq!(started.last().unwrap()["resumed"], true, "{started:?}");
-    assert!(!evs.iter().any(|(t, _)| t == "session.context_lost"));
-    let with_second = requests_with(&mock, "which fruit");
-    assert!(
-        with_second
-            .iter()
-            .any(|r| r["body"]["messages"].to_string().contains("remember mango")),
-        "{with_second:#?}"
-    );
+    assert_resumed_with_context(&app, &mock, &sid, "which fruit", "remember mango").await;
 }
 
 #[tokio::test]
@@ -274,16 +301,7 @@ async fn a_killed_server_fails_its_turn_and_the_next_turn_gets_a_new_one() {
     let Some(app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
         return;
     };
-    let created: Value = app
-        .post("/v1/sessions", &app.admin_key)
-        .json(&json!({"provider": "opencode", "model": "mock/mock-model"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = created["id"].as_str().unwrap().to_owned();
+    let sid = opencode_session(&app, json!({})).await;
     let first = run(&app, &sid, "remember kiwi").await;
     assert_eq!(first["status"], "completed", "{first}");
     let pid = app.get_json(&format!("/v1/sessions/{sid}")).await["process"]["pid"]
@@ -291,49 +309,13 @@ async fn a_killed_server_fails_its_turn_and_the_next_turn_gets_a_new_one() {
         .unwrap();
 
     // kill -9 in the middle of a streaming turn.
-    let long = (0..80)
-        .map(|i| format!("k{i}"))
-        .collect::<Vec<_>>()
-        .join(" ");
-    let turn: Value = app
-        .post(&format!("/v1/sessions/{sid}/turns"), &app.admin_key)
-        .json(&json!({ "prompt": long }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let turn_id = turn["id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while sqlx::query_scalar::<_, i64>(
-        "select count(*) from session_events where turn_id = $1::uuid and type = 'text.delta'",
-    )
-    .bind(&turn_id)
-    .fetch_one(&app.db.pool)
-    .await
-    .unwrap()
-        == 0
-    {
-        assert!(tokio::time::Instant::now() < deadline, "no delta");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let turn_id = start_long_turn(&app, &sid).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let ended = loop {
-        let t = app.get_json(&format!("/v1/turns/{turn_id}")).await;
-        if t["status"] != "running" && t["status"] != "queued" {
-            break t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the turn did not end: {t}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let ended = ended(&app, &turn_id).await;
     assert_eq!(ended["status"], "failed", "{ended}");
     assert!(
         ended["error"].as_str().unwrap().contains("OpenCode"),
@@ -351,14 +333,7 @@ async fn a_killed_server_fails_its_turn_and_the_next_turn_gets_a_new_one() {
         .unwrap()
         .1;
     assert_ne!(last["pid"].as_i64(), Some(pid));
-    assert_eq!(last["resumed"], true);
-    let with_next = requests_with(&mock, "which fruit was it");
-    assert!(
-        with_next
-            .iter()
-            .any(|r| r["body"]["messages"].to_string().contains("remember kiwi")),
-        "{with_next:#?}"
-    );
+    assert_resumed_with_context(&app, &mock, &sid, "which fruit was it", "remember kiwi").await;
 }
 
 #[tokio::test]
@@ -370,48 +345,15 @@ async fn opencode_run_attaches_to_hotplex_running_the_opencode_provider() {
         return;
     };
     let bin = std::path::PathBuf::from(std::env::var("HOTPLEX_TEST_OPENCODE").unwrap());
-    let home = tempfile::tempdir().unwrap();
-    let project = tempfile::tempdir().unwrap();
-    let mut cmd = tokio::process::Command::new(&bin);
-    crate::opencode::isolate(&mut cmd, home.path());
-    cmd.args([
-        "run",
-        "--attach",
-        &app.url(""),
-        "--password",
-        &app.admin_key,
-    ])
-    .args([
+    let args = [
         "--model",
         "opencode/mock/mock-model",
-        "--format",
-        "json",
         "hello",
         "both",
         "ways",
-    ])
-    .current_dir(project.path())
-    .stdin(std::process::Stdio::null())
-    .kill_on_drop(true);
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .expect("opencode run timed out")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["type"] == "text")
-        .unwrap_or_else(|| panic!("no text line in {stdout}"));
-    assert_eq!(
-        text["part"]["text"], "MOCK_REPLY: hello both ways",
-        "{stdout}"
-    );
+    ];
+    let text = crate::opencode::run_attach_text(&bin, &app.url(""), &app.admin_key, &args).await;
+    assert_eq!(text, "MOCK_REPLY: hello both ways");
     let provider: String = sqlx::query_scalar("select provider from sessions")
         .fetch_one(&app.db.pool)
         .await

@@ -271,28 +271,10 @@ pub async fn delete(
     Ok(Json(json!(true)))
 }
 
-/// `GET /session/{id}/children`: hotplex sessions have no children.
-pub async fn children(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, OcError> {
-    find(&state, &caller, &id).await?;
-    Ok(Json(json!([])))
-}
-
-/// `GET /session/{id}/todo`: hotplex does not track the agent's todo list.
-pub async fn todo(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, OcError> {
-    find(&state, &caller, &id).await?;
-    Ok(Json(json!([])))
-}
-
-/// `GET /session/{id}/diff`: hotplex does not snapshot the work tree.
-pub async fn diff(
+/// `GET /session/{id}/children`, `…/todo`, `…/diff`: `[]` for a session that exists.
+/// hotplex sessions have no children, and hotplex does not track the agent's todo list or
+/// snapshot the work tree.
+pub async fn empty_list(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
