@@ -141,6 +141,8 @@ impl Stack {
             .env("HOTPLEX_LOG_LEVEL", "warn")
             .env("HOTPLEX_PROVIDERS__CLAUDE_CODE__BINARY", &agent)
             .envs(options.env.iter().map(|(k, v)| (k, v)))
+            // Allocator knobs of the bench run reach the server (to compare allocators).
+            .envs(std::env::vars().filter(|(k, _)| k.starts_with("MALLOC_") || k == "LD_PRELOAD"))
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
