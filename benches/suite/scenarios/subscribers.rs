@@ -63,12 +63,15 @@ pub async fn run(env: &Env) -> anyhow::Result<Scenario> {
             "Where it goes (heaptrack, 1,000 subscribers, release build, allocations live \
              while the streams are open): hyper allocates the same for hotplex and for the bare \
              server, a 16 KiB read buffer, an 8 KiB header buffer and ~1.4 KiB of task per \
-             connection, of which only the touched pages are resident; hotplex adds ~1.9 KiB \
-             (the SSE body and the response headers). The rest of the gap is page residency: \
-             jemalloc and mimalloc (LD_PRELOAD) did not close it (27.6 and 23.7 KiB against \
-             24.2 with glibc, 3,000 subscribers). Serving the router per connection used to \
-             add 23 KiB more (axum rebuilt the route table for every connection); hotplex now \
-             hands each connection a clone of one router."
+             connection, of which it touches only the first pages; hotplex adds ~1.9 KiB (the \
+             SSE body and the response headers). With glibc's defaults those buffers come from \
+             heap memory that hotplex's short-lived allocations (auth, queries, JSON) have \
+             already dirtied, so all their pages are resident (~24 KiB per subscriber); the \
+             bare server allocates nothing else, so its buffers land on fresh pages. hotplex \
+             therefore sets glibc's mmap threshold to 8 KiB at start-up (src/main.rs): the \
+             buffers get mappings of their own and their untouched pages stay non-resident. \
+             The reference runs with glibc's defaults. (jemalloc and mimalloc did not help: \
+             27.6 and 23.7 KiB against 24.2 with default glibc, 3,000 subscribers.)"
                 .into(),
         ],
         ..Scenario::default()
