@@ -190,7 +190,12 @@ async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
             let _ = writeln!(out, "hotplex worker {} started", worker.id);
             let _ = out.flush();
         }
-        shutdown.token.cancelled().await;
+        let lost = tokio::select! {
+            () = shutdown.token.cancelled() => false,
+            // It stopped by itself: declared lost by the fleet after a silence.
+            () = worker.stopped() => true,
+        };
+        shutdown.token.cancel();
         tokio::select! {
             () = worker.stopped() => {}
             () = forced.cancelled() => tracing::warn!("second signal: not waiting for running turns"),
@@ -199,11 +204,17 @@ async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
         forced.cancel();
         shutdown.tracker.close();
         shutdown.tracker.wait().await;
-        anyhow::Ok(())
+        anyhow::Ok(lost)
     }
     .await;
     db.close().await;
-    result.map(|()| ExitCode::SUCCESS)
+    result.map(|lost| {
+        if lost {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
 }
 
 /// How long a stopping worker may take: interrupting a turn, then stopping its agent, each

@@ -56,6 +56,10 @@ pub enum EventBody {
         pid: Option<u32>,
         resumed: bool,
     },
+    /// The worker running the turn was lost before the turn produced any output: it runs
+    /// again (once) on the session's new owner.
+    #[serde(rename = "turn.retried")]
+    TurnRetried { reason: String },
     /// Streamed answer text (coalesced: one event may hold several tokens).
     #[serde(rename = "text.delta")]
     TextDelta { text: String },
@@ -108,6 +112,7 @@ impl EventBody {
             Self::SessionUpdated {} => "session.updated",
             Self::SessionDeleted {} => "session.deleted",
             Self::TurnStarted { .. } => "turn.started",
+            Self::TurnRetried { .. } => "turn.retried",
             Self::TextDelta { .. } => "text.delta",
             Self::ThinkingDelta { .. } => "thinking.delta",
             Self::ToolStarted { .. } => "tool.started",

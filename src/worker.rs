@@ -44,6 +44,13 @@ pub struct Worker {
     opencode: Arc<crate::provider::opencode::OpenCodeHost>,
 }
 
+/// This host's name, as workers record it (to find a lost worker's processes on its host).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 /// The worker's side of a session actor.
 struct ActorHandle {
     tx: mpsc::Sender<Command>,
@@ -81,9 +88,7 @@ impl Worker {
         shutdown: &Shutdown,
     ) -> store::Result<Arc<Self>> {
         let id = WorkerId::new_random();
-        let host = std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = hostname();
         store::workers::register(
             &pool,
             id,
@@ -161,9 +166,42 @@ impl Worker {
                 () = self.token.cancelled() => break,
                 () = tokio::time::sleep(period) => {}
             }
-            let _ = store::workers::heartbeat(&self.pool, self.id).await;
+            if let Ok(false) = store::workers::heartbeat(&self.pool, self.id).await {
+                // Silent for too long (paused, cut off): the fleet already moved this
+                // worker's work elsewhere, and its fenced writes fail. Stop, do not linger.
+                tracing::error!(worker.id = %self.id, "this worker was declared lost while silent; stopping");
+                self.token.cancel();
+                break;
+            }
             let _ = leases::renew_all(&self.pool, self.id, self.settings.worker.lease_ttl).await;
+            if let Err(e) = self.reap_lost_workers().await {
+                tracing::warn!(error = %e, "sweeping lost workers failed");
+            }
         }
+    }
+
+    /// Settles workers that died without stopping (no heartbeat for a lease TTL):
+    /// their queued jobs go to the shared queue, each turn they were running gets a fresh
+    /// job (the session's next owner fails it or runs it again, see `session::Actor`), and
+    /// their agent processes on this host are killed.
+    async fn reap_lost_workers(&self) -> Result<(), store::Error> {
+        // Silent for a whole lease TTL: its leases have expired too.
+        let silent = self.settings.worker.lease_ttl;
+        let dead = store::workers::reap_dead(&self.pool, silent).await?;
+        let host = hostname();
+        for (worker, worker_host) in dead {
+            let mut tx = self.pool.begin().await?;
+            let moved = queue::hand_back(&mut *tx, worker).await?;
+            let running = queue::requeue_running(&mut tx, worker).await?;
+            tx.commit().await?;
+            let killed = if worker_host == host {
+                crate::provider::process::kill_owned_by(&worker.to_string())
+            } else {
+                0
+            };
+            tracing::warn!(lost.worker = %worker, jobs = moved, running, killed, "a worker was lost; its work moves on");
+        }
+        Ok(())
     }
 
     /// Waits for the stop, then for every task of the worker; hands back what is left.

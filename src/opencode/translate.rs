@@ -394,6 +394,7 @@ impl Transcript {
                 fail(ctx, st, out, err);
             }
             EventBody::ContextLost { .. }
+            | EventBody::TurnRetried { .. }
             | EventBody::AgentRaw { .. }
             | EventBody::SessionStatus { .. }
             | EventBody::SessionCreated {}

@@ -17,6 +17,38 @@ use tokio::process::{Child, Command};
 /// The environment variable that tags a child and its descendants.
 pub const TAG_VAR: &str = "HOTPLEX_PROCESS_TAG";
 
+/// The environment variable naming the worker that started an agent (and, inherited, every
+/// process under it): when a worker dies without stopping its agents (`kill -9`), a live
+/// worker on the same host finds them by it and ends them.
+pub const OWNER_VAR: &str = "HOTPLEX_WORKER_ID";
+
+/// SIGKILLs every process on this host whose environment says `OWNER_VAR=owner`, with the
+/// process groups they lead; returns how many there were.
+pub fn kill_owned_by(owner: &str) -> usize {
+    let needle = format!("{OWNER_VAR}={owner}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for pid in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+    {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let pid = Pid::from_raw(pid as i32);
+            let _ = killpg(pid, Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// A running child that owns its process group.
 #[derive(Debug)]
 pub struct GroupChild {
@@ -242,6 +274,22 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
+    }
+
+    #[tokio::test]
+    async fn processes_of_a_lost_owner_are_found_and_killed() {
+        let owner = uuid::Uuid::new_v4().to_string();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("sleep 60 & sleep 60")
+            .env(OWNER_VAR, &owner);
+        let mut child = GroupChild::spawn(cmd).unwrap();
+        let pid = child.pid() as i32;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(kill_owned_by(&owner) >= 1, "the child carries the owner");
+        assert!(gone(pid).await, "the owner's process survived");
+        let _ = child.wait().await;
+        assert_eq!(kill_owned_by(&owner), 0);
     }
 
     #[tokio::test]

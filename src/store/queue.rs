@@ -79,6 +79,26 @@ pub async fn push_turn(
         .map_err(|e| Error::Queue(e.to_string()))
 }
 
+/// Pushes a fresh job (shared queue) for every turn a lost worker was running, so that a
+/// live worker claims the session and settles the turn (see the session actor's recovery).
+/// The lost worker's own job for it may be spent (apalis counts the attempt).
+pub async fn requeue_running(conn: &mut PgConnection, worker: WorkerId) -> Result<u64> {
+    let jobs: Vec<(SessionId, TurnId)> = sqlx::query_as(
+        "select session_id, turn_id from turns where worker_id = $1 and status = 'running'",
+    )
+    .bind(worker)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (session_id, turn_id) in &jobs {
+        let job = TurnJob {
+            session_id: *session_id,
+            turn_id: *turn_id,
+        };
+        push_turn(conn, None, job, Push::Again).await?;
+    }
+    Ok(jobs.len() as u64)
+}
+
 /// The apalis worker names of a hotplex worker, one per queue it consumes.
 pub fn consumer_names(worker: WorkerId) -> [String; 2] {
     [format!("{worker}-own"), format!("{worker}-shared")]

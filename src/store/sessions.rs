@@ -409,3 +409,49 @@ pub async fn set_model_before_first_turn(
     .rows_affected();
     Ok(n > 0)
 }
+
+/// Mirrors the agent's conversation state (fenced: only the session's owner writes it).
+pub async fn save_agent_state(
+    db: impl PgExecutor<'_>,
+    session: SessionId,
+    fence: super::events::Fence,
+    provider: Provider,
+    cli_session_id: Option<uuid::Uuid>,
+    content: &[u8],
+) -> Result<bool> {
+    let n = sqlx::query(
+        "insert into agent_state (session_id, provider, cli_session_id, content)
+         select $1, $4, $5, $6
+          where exists (select 1 from session_leases l
+                         where l.session_id = $1 and l.worker_id = $2 and l.generation = $3)
+         on conflict (session_id) do update
+            set provider = excluded.provider, cli_session_id = excluded.cli_session_id,
+                content = excluded.content, updated_at = now()",
+    )
+    .bind(session)
+    .bind(fence.worker_id)
+    .bind(fence.generation)
+    .bind(provider.as_str())
+    .bind(cli_session_id)
+    .bind(content)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
+}
+
+/// The mirrored conversation state of a session, if it is for `cli_session_id`.
+pub async fn agent_state(
+    db: impl PgExecutor<'_>,
+    session: SessionId,
+    cli_session_id: uuid::Uuid,
+) -> Result<Option<Vec<u8>>> {
+    let content = sqlx::query_scalar(
+        "select content from agent_state where session_id = $1 and cli_session_id = $2",
+    )
+    .bind(session)
+    .bind(cli_session_id)
+    .fetch_optional(db)
+    .await?;
+    Ok(content)
+}

@@ -365,6 +365,21 @@ pub async fn next_unfinished(
     Ok(row)
 }
 
+/// What a turn left behind when its worker was lost: whether it produced output (text,
+/// thinking, a tool call, a message), and how many times it was started.
+pub async fn attempt_info(db: impl PgExecutor<'_>, turn: TurnId) -> Result<(bool, i64)> {
+    let row: (bool, i64) = sqlx::query_as(
+        "select coalesce(bool_or(type in ('text.delta', 'thinking.delta', 'tool.started',
+                                          'message.completed')), false),
+                count(*) filter (where type = 'turn.started')
+           from session_events where turn_id = $1",
+    )
+    .bind(turn)
+    .fetch_one(db)
+    .await?;
+    Ok(row)
+}
+
 /// Whether a turn has yet to end (queued or running); `false` for an unknown turn.
 pub async fn is_unfinished(db: impl PgExecutor<'_>, turn: TurnId) -> Result<bool> {
     let pending: Option<bool> =

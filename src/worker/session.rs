@@ -70,6 +70,8 @@ impl Waiters {
 
 /// Why a turn fails when its worker stops in the middle of it.
 const WORKER_STOPPED: &str = "the worker stopped during the turn";
+/// Why a turn fails (or runs again) when its worker died in the middle of it.
+const WORKER_LOST: &str = "the worker running the turn was lost";
 
 /// A request to the actor.
 #[derive(Debug)]
@@ -150,6 +152,9 @@ pub struct Actor {
     opencode: Arc<OpenCodeHost>,
     process: Option<Agent>,
     waiters: Waiters,
+    /// Where the Claude Code transcript of the warm process lives (`HOME`, conversation
+    /// id), mirrored to the database after every turn.
+    transcript: Option<(PathBuf, Uuid)>,
     deleted: bool,
     evicted: bool,
     activity: Arc<Activity>,
@@ -181,6 +186,7 @@ impl Actor {
             opencode,
             process: None,
             waiters: Waiters::default(),
+            transcript: None,
             deleted: false,
             evicted: false,
             activity,
@@ -238,6 +244,7 @@ impl Actor {
     }
 
     async fn stop_process(&mut self) {
+        self.transcript = None;
         if let Some(mut p) = self.process.take() {
             p.stop(self.settings.worker.stop_grace).await;
             let _ = leases::set_process(&self.pool, self.session, self.fence, None).await;
@@ -275,6 +282,10 @@ impl Actor {
         env.insert("HOME".to_owned(), home.display().to_string());
         env.insert("LANG".to_owned(), "C.UTF-8".to_owned());
         env.insert("TERM".to_owned(), "dumb".to_owned());
+        env.insert(
+            crate::provider::process::OWNER_VAR.to_owned(),
+            self.worker().to_string(),
+        );
         if provider_kind == Provider::OpenCode {
             return self.open_opencode(writer, &row, home, cwd, env).await;
         }
@@ -282,6 +293,22 @@ impl Actor {
         let known = sessions::cli_session_id(&self.pool, self.session)
             .await
             .map_err(|e| e.to_string())?;
+        // A conversation last run on another host (another HOME) comes back from its mirror.
+        if let Some(id) = known
+            && transcript::find_transcript(&home, id).is_none()
+            && let Some(content) = sessions::agent_state(&self.pool, self.session, id)
+                .await
+                .map_err(|e| e.to_string())?
+        {
+            let path = transcript::transcript_path(&home, &cwd, id);
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            }
+            std::fs::write(&path, content)
+                .map_err(|e| format!("restoring {}: {e}", path.display()))?;
+            tracing::info!(session.id = %self.session, path = %path.display(), "restored the conversation from its mirror");
+        }
         let (cli_id, resume) = match known {
             Some(id) if transcript::find_transcript(&home, id).is_some() => (id, true),
             Some(_) => {
@@ -320,6 +347,7 @@ impl Actor {
         let _ =
             leases::set_process(&self.pool, self.session, self.fence, Some(process.pid())).await;
         tracing::info!(session.id = %self.session, process.pid = process.pid(), resume, "agent process ready");
+        self.transcript = Some((home, cli_id));
         self.process = Some(Agent::Claude(Box::new(process)));
         Ok(resume)
     }
@@ -399,6 +427,28 @@ impl Actor {
             turn.turn_id,
             DEFAULT_WINDOW,
         );
+        // A turn already running when this actor starts was left by a worker that was lost
+        // (it died; its lease expired). The rule: a turn that produced no output yet runs
+        // again, once; one that did (text, a tool call) fails, since running it again could
+        // repeat what its tools already did.
+        if turn.status == "running" {
+            let (had_output, starts) = turns::attempt_info(&self.pool, turn.turn_id).await?;
+            if had_output || starts >= 2 {
+                let error = if had_output {
+                    format!("{WORKER_LOST} after it had produced output")
+                } else {
+                    format!("{WORKER_LOST} twice")
+                };
+                tracing::warn!(session.id = %self.session, turn.id = %turn.turn_id, "{error}");
+                return self
+                    .finish(&mut writer, &turn, Outcome::Failed { error, usage: None })
+                    .await;
+            }
+            tracing::warn!(session.id = %self.session, turn.id = %turn.turn_id, "retrying a turn whose worker was lost before any output");
+            writer.push(EventBody::TurnRetried {
+                reason: format!("{WORKER_LOST} before any output"),
+            });
+        }
         // The process first (a cold start takes a moment); the turn is marked running with
         // its `turn.started` event in one statement once the agent can take the prompt.
         let resumed = match self.ensure_process(&mut writer).await {
@@ -541,7 +591,39 @@ impl Actor {
             turns::finish(&mut conn, turn, self.fence, &outcome, &evs).await?;
         }
         self.waiters.ended(turn.turn_id);
+        self.mirror_transcript().await;
         Ok(())
+    }
+
+    /// Copies the conversation's transcript to the database, so that another worker (with
+    /// another HOME, on another host) can resume it. A failure costs only that: the next
+    /// owner elsewhere would start afresh (`session.context_lost`).
+    async fn mirror_transcript(&self) {
+        let Some((home, cli_id)) = &self.transcript else {
+            return;
+        };
+        let Some(path) = transcript::find_transcript(home, *cli_id) else {
+            return;
+        };
+        let content = match tokio::fs::read(&path).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(session.id = %self.session, error = %e, "reading the transcript to mirror failed");
+                return;
+            }
+        };
+        if let Err(e) = sessions::save_agent_state(
+            &self.pool,
+            self.session,
+            self.fence,
+            Provider::ClaudeCode,
+            Some(*cli_id),
+            &content,
+        )
+        .await
+        {
+            tracing::warn!(session.id = %self.session, error = %e, "mirroring the transcript failed");
+        }
     }
 }
 

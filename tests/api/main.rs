@@ -4,6 +4,7 @@ mod admin;
 mod auth;
 mod claude;
 mod errors;
+mod fleet;
 mod health;
 mod openapi;
 mod opencode;

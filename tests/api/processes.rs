@@ -28,10 +28,10 @@ fn hotplex(dir: &Path) -> Command {
 }
 
 /// A running `hotplex` process; on drop (a failed test) it is interrupted and awaited.
-struct Running {
+pub(crate) struct Running {
     child: Child,
     /// The rest of the line that announced readiness (the URL, the worker id).
-    ready: String,
+    pub(crate) ready: String,
     stdout: Vec<String>,
 }
 
@@ -53,7 +53,12 @@ impl Running {
 
     /// Runs `hotplex ARGS` until it prints a line starting with `ready`; stderr goes to
     /// `<dir>/<first arg>.log`.
-    async fn spawn(dir: &Path, args: &[&str], env: &[(&str, &str)], ready: &str) -> Self {
+    pub(crate) async fn spawn(
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: &str,
+    ) -> Self {
         let log_path = dir.join(format!("{}.log", args[0]));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -92,11 +97,11 @@ impl Running {
         }
     }
 
-    fn pid(&self) -> Pid {
+    pub(crate) fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id().expect("running") as i32)
     }
 
-    async fn stop(mut self, signal: Signal) -> std::process::ExitStatus {
+    pub(crate) async fn stop(mut self, signal: Signal) -> std::process::ExitStatus {
         kill(self.pid(), signal).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
@@ -336,7 +341,7 @@ async fn config_validate_prints_redacted_settings_or_the_error() {
 
 /// Polls a turn until it has ended (60 s); on timeout the panic shows the turn and the tail
 /// of every process log in `dir`.
-async fn ended_turn(
+pub(crate) async fn ended_turn(
     client: &reqwest::Client,
     base: &str,
     key: &str,

@@ -207,7 +207,7 @@ async fn an_idle_process_is_reaped_and_the_next_turn_resumes_the_conversation() 
 }
 
 #[tokio::test]
-async fn a_lost_transcript_starts_afresh_with_an_explicit_context_lost_event() {
+async fn a_lost_transcript_comes_back_from_its_mirror_or_starts_afresh_with_context_lost() {
     let app = TestApp::spawn_with_worker(|s| {
         s.worker.idle_timeout = std::time::Duration::from_millis(200);
     })
@@ -221,10 +221,33 @@ async fn a_lost_transcript_starts_afresh_with_an_explicit_context_lost_event() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // The agent's HOME loses its transcripts (a new host, a wiped disk).
+    // The agent's HOME loses its transcripts (a new host, a wiped disk): the mirror in the
+    // database brings the conversation back.
     let home = app.settings.agent_home(&app.settings.providers.claude_code);
     std::fs::remove_dir_all(home.join(".claude/projects")).expect("transcripts existed");
-    let next = run_turn(&app, &sid, "two").await;
+    let restored = run_turn(&app, &sid, "two").await;
+    assert!(
+        restored["result"]
+            .as_str()
+            .unwrap()
+            .contains("FAKE-ECHO(turn 2)"),
+        "the conversation goes on: {restored}"
+    );
+    assert_eq!(started_events(&app, &sid).await[1]["resumed"], true);
+    // Without the mirror too, the conversation starts afresh, and says so.
+    let pid = started_events(&app, &sid).await[1]["pid"].as_i64().unwrap();
+    for _ in 0..100 {
+        if !alive(pid) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    std::fs::remove_dir_all(home.join(".claude/projects")).expect("transcripts existed");
+    sqlx::query("delete from agent_state")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let next = run_turn(&app, &sid, "three").await;
     assert_eq!(next["status"], "completed", "{next}");
     assert!(
         next["result"]

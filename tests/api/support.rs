@@ -327,7 +327,14 @@ impl TestApp {
 
     /// The app plus a worker in the same process, running the fake agent.
     pub async fn spawn_with_worker(configure: impl FnOnce(&mut Settings)) -> Self {
-        let mut app = Self::spawn_with(
+        let mut app = Self::spawn_with_fake_agent(configure).await;
+        app.worker = Some(app.start_worker().await);
+        app
+    }
+
+    /// The app configured for the fake agent, with no worker yet (see [`Self::start_worker`]).
+    pub async fn spawn_with_fake_agent(configure: impl FnOnce(&mut Settings)) -> Self {
+        Self::spawn_with(
             |s| {
                 let script = s.data_dir.join("fake-claude");
                 let text = format!(
@@ -346,9 +353,7 @@ impl TestApp {
             },
             AuthMode::Keys,
         )
-        .await;
-        app.worker = Some(app.start_worker().await);
-        app
+        .await
     }
 
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings), auth: AuthMode) -> Self {

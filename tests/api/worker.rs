@@ -255,3 +255,142 @@ async fn a_warm_sessions_owner_runs_a_turn_on_the_notify_alone() {
             .unwrap();
     assert_eq!(jobs, 0, "the turn ran without a job");
 }
+
+/// A "ghost" worker that started `prompt`'s turn (with output or not) and then died
+/// without a trace: its heartbeat and its lease are long expired. Returns the session and
+/// the turn.
+async fn turn_of_a_lost_worker(app: &TestApp, prompt: &str, output: bool) -> (SessionId, TurnId) {
+    let session: SessionId = app.new_session(&app.admin_key).await.parse().unwrap();
+    let ghost = WorkerId::new_random();
+    store::workers::register(&app.db.pool, ghost, "ghost-host", 1, 4)
+        .await
+        .unwrap();
+    let fence = leases::claim(&app.db.pool, session, ghost, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    // Enqueued while the ghost owned the session: the job went to the ghost's own queue.
+    let t: Value = app
+        .post(&format!("/v1/sessions/{session}/turns"), &app.admin_key)
+        .json(&json!({ "prompt": prompt }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let turn_id: TurnId = t["id"].as_str().unwrap().parse().unwrap();
+    let row = store::turns::get(&app.db.pool, store::tenants::DEFAULT_TENANT_ID, turn_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut events = vec![hotplex::events::NewEvent::turn(
+        turn_id,
+        EventBody::TurnStarted {
+            worker_id: ghost,
+            pid: None,
+            resumed: false,
+        },
+    )];
+    if output {
+        events.push(hotplex::events::NewEvent::turn(
+            turn_id,
+            EventBody::TextDelta {
+                text: "half an ans".into(),
+            },
+        ));
+    }
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    store::turns::start(&mut conn, &row, fence, &events)
+        .await
+        .unwrap();
+    sqlx::query("update workers set heartbeat_at = now() - interval '1 hour' where worker_id = $1")
+        .bind(ghost)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "update session_leases set expires_at = now() - interval '1 second' where session_id = $1",
+    )
+    .bind(session)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    (session, turn_id)
+}
+
+#[tokio::test]
+async fn a_lost_workers_turns_are_retried_once_without_output_and_failed_with_it() {
+    let app = TestApp::spawn_with_fake_agent(|s| s.worker.lease_ttl = Duration::from_secs(3)).await;
+    let (quiet_session, quiet) = turn_of_a_lost_worker(&app, "no output yet", false).await;
+    let (loud_session, loud) = turn_of_a_lost_worker(&app, "spoke already", true).await;
+    // A turn queued behind the lost one runs after it, on the new owner.
+    let next: Value = app
+        .post(
+            &format!("/v1/sessions/{loud_session}/turns"),
+            &app.admin_key,
+        )
+        .json(&json!({"prompt": "next"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+
+    // A live worker notices the silence, marks the ghost stopped and moves its work.
+    let worker = app.start_worker().await;
+    let wait_end = |turn: String| {
+        let app = &app;
+        async move {
+            for _ in 0..300 {
+                let t = app.get_json(&format!("/v1/turns/{turn}")).await;
+                if !matches!(t["status"].as_str(), Some("queued" | "running")) {
+                    return t;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("turn {turn} did not end");
+        }
+    };
+    let quiet_turn = wait_end(quiet.to_string()).await;
+    assert_eq!(quiet_turn["status"], "completed", "{quiet_turn}");
+    assert_eq!(quiet_turn["worker_id"], worker.worker.id.to_string());
+    let loud_turn = wait_end(loud.to_string()).await;
+    assert_eq!(loud_turn["status"], "failed", "{loud_turn}");
+    assert_eq!(
+        loud_turn["error"],
+        "the worker running the turn was lost after it had produced output"
+    );
+    let next_turn = wait_end(next["id"].as_str().unwrap().to_owned()).await;
+    assert_eq!(next_turn["status"], "completed", "{next_turn}");
+
+    let types = |session: SessionId| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "select type from session_events where session_id = $1 and turn_id is not null order by seq",
+            )
+            .bind(session)
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let quiet_types = types(quiet_session).await;
+    assert_eq!(
+        &quiet_types[..3],
+        ["turn.queued", "turn.started", "turn.retried"],
+        "{quiet_types:?}"
+    );
+    assert_eq!(quiet_types[3], "turn.started");
+    assert_eq!(quiet_types.last().unwrap(), "turn.completed");
+    let stopped: bool = sqlx::query_scalar(
+        "select bool_and(stopped_at is not null) from workers where host = 'ghost-host'",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert!(stopped, "the lost workers are marked stopped");
+    worker.stop().await;
+}

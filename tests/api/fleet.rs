@@ -1,0 +1,233 @@
+//! The worker fleet under faults, as separate OS processes (`hotplex serve` and two
+//! `hotplex worker`s with different agent HOMEs) running the real Claude Code CLI against
+//! the mock Anthropic API: a worker killed with SIGKILL mid-turn.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+
+use crate::processes::{Running, ended_turn};
+
+fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(k, s)| (k.as_str(), s.as_str())).collect()
+}
+use crate::support::{TestDb, create_key};
+
+#[tokio::test]
+async fn a_worker_killed_mid_turn_loses_that_turn_and_the_session_goes_on_elsewhere_with_context() {
+    let claude = match std::env::var("HOTPLEX_TEST_CLAUDE") {
+        Ok(b) if std::path::Path::new(&b).exists() => b,
+        _ if std::env::var_os("CI").is_some() => panic!("CI needs HOTPLEX_TEST_CLAUDE"),
+        _ => return eprintln!("skipping: set HOTPLEX_TEST_CLAUDE"),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let options = hotplex::mock_llm::anthropic::MockOptions {
+        delay: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let mock = hotplex::mock_llm::anthropic::start(listener, options)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let key = create_key(&db.pool, "default", hotplex::domain::Role::Admin).await;
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let mock_url = mock.base_url();
+    let env = |home: &str| -> Vec<(String, String)> {
+        [
+            ("DATABASE_URL", db.url.as_str()),
+            ("HOTPLEX_WORKER__LEASE_TTL", "3s"),
+            ("HOTPLEX_PROVIDERS__CLAUDE_CODE__BINARY", claude.as_str()),
+            (
+                "HOTPLEX_PROVIDERS__CLAUDE_CODE__ENV__ANTHROPIC_BASE_URL",
+                mock_url.as_str(),
+            ),
+            (
+                "HOTPLEX_PROVIDERS__CLAUDE_CODE__ENV__ANTHROPIC_API_KEY",
+                "test",
+            ),
+            (
+                "HOTPLEX_PROVIDERS__CLAUDE_CODE__ENV__CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC",
+                "1",
+            ),
+            (
+                "HOTPLEX_PROVIDERS__CLAUDE_CODE__ENV__DISABLE_TELEMETRY",
+                "1",
+            ),
+            (
+                "HOTPLEX_PROVIDERS__CLAUDE_CODE__ENV__DISABLE_AUTOUPDATER",
+                "1",
+            ),
+            ("HOTPLEX_PROVIDERS__CLAUDE_CODE__HOME", home),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    };
+    let home = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (env_serve, env_a, env_b) = (
+        env(&home("home-s")),
+        env(&home("home-a")),
+        env(&home("home-b")),
+    );
+    let serve = Running::spawn(
+        dir.path(),
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
+        &as_refs(&env_serve),
+        "hotplex listening on ",
+    )
+    .await;
+    let worker_args = ["worker", "--data-dir", data];
+    let mut workers: HashMap<String, Running> = HashMap::new();
+    for env in [&env_a, &env_b] {
+        let w = Running::spawn(dir.path(), &worker_args, &as_refs(env), "hotplex worker ").await;
+        workers.insert(w.ready.trim_end_matches(" started").to_owned(), w);
+    }
+    let base = serve.ready.clone();
+    let client = reqwest::Client::new();
+    let post = |path: String, body: Value| {
+        client
+            .post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+    };
+    let session: Value = post("/v1/sessions".into(), json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = session["id"].as_str().unwrap().to_owned();
+    let turns = format!("/v1/sessions/{sid}/turns");
+    let first: Value = post(
+        format!("{turns}?wait=true&timeout=120"),
+        json!({"prompt": "remember the word zebra"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(first["status"], "completed", "{first}");
+
+    // A long turn, and one queued behind it.
+    let slow: Value = post(
+        turns.clone(),
+        json!({"prompt": "[[slow:60]] tell a long story"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let queued: Value = post(turns.clone(), json!({"prompt": "what was the word?"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let slow_id = slow["id"].as_str().unwrap().to_owned();
+    let mut started = None;
+    for _ in 0..600 {
+        started = sqlx::query_as::<_, (String, i64)>(
+            "select t.worker_id::text, (e.payload->>'pid')::bigint
+               from turns t join session_events e on e.turn_id = t.turn_id and e.type = 'turn.started'
+              where t.turn_id = $1::uuid
+                and exists (select 1 from session_events d where d.turn_id = t.turn_id and d.type = 'text.delta')",
+        )
+        .bind(&slow_id)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if started.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (owner, agent_pid) = started.expect("the long turn streams");
+    let survivor = workers.keys().find(|k| **k != owner).cloned().unwrap();
+
+    // kill -9 the owner: no clean stop, no hand-back.
+    let victim = workers.remove(&owner).unwrap();
+    kill(victim.pid(), Signal::SIGKILL).unwrap();
+    let killed_at = std::time::Instant::now();
+
+    let slow = ended_turn(&client, &base, &key, &slow_id, dir.path()).await;
+    assert_eq!(slow["status"], "failed", "{slow}");
+    assert!(
+        slow["error"]
+            .as_str()
+            .unwrap()
+            .contains("lost after it had produced output"),
+        "{slow}"
+    );
+    let done = ended_turn(
+        &client,
+        &base,
+        &key,
+        queued["id"].as_str().unwrap(),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["worker_id"], survivor.as_str(), "{done}");
+    eprintln!("failover took {:?}", killed_at.elapsed());
+    // The survivor has another HOME: the conversation came from its mirror in PostgreSQL.
+    let mirrored: i64 = sqlx::query_scalar(
+        "select count(*) from agent_state where session_id = $1::uuid and length(content) > 0",
+    )
+    .bind(&sid)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(mirrored, 1);
+    let last = mock
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r["body"].to_string().contains("what was the word?"))
+        .expect("the queued turn reached the model");
+    assert!(
+        last["body"].to_string().contains("remember the word zebra"),
+        "{last}"
+    );
+    let evs: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "select seq, type, turn_id::text from session_events where session_id = $1::uuid order by seq",
+    )
+    .bind(&sid)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    // Seqs without gaps or duplicates; the queued turn started once, resumed, on the survivor.
+    let seqs: Vec<i64> = evs.iter().map(|e| e.0).collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+    let queued_id = queued["id"].as_str().unwrap();
+    let starts = evs
+        .iter()
+        .filter(|e| e.1 == "turn.started" && e.2.as_deref() == Some(queued_id))
+        .count();
+    assert_eq!(starts, 1, "{evs:?}");
+    assert!(
+        !evs.iter().any(|e| e.1 == "session.context_lost"),
+        "{evs:?}"
+    );
+    // The dead worker's agent was found and killed by the survivor's sweep.
+    let mut gone = false;
+    for _ in 0..100 {
+        if kill(Pid::from_raw(agent_pid as i32), None).is_err() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the lost worker's agent {agent_pid} still runs");
+    for (_, w) in workers {
+        assert!(w.stop(Signal::SIGTERM).await.success());
+    }
+    assert!(serve.stop(Signal::SIGINT).await.success());
+}
