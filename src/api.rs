@@ -7,6 +7,7 @@ pub mod docs;
 pub mod error;
 pub mod events;
 pub mod extract;
+pub mod fleet;
 pub mod health;
 pub mod opencode;
 pub mod sessions;
@@ -59,7 +60,9 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
             OpenApiRouter::new()
                 .routes(routes!(admin::list_tenants, admin::create_tenant))
                 .routes(routes!(admin::list_keys, admin::create_key))
-                .routes(routes!(admin::revoke_key)),
+                .routes(routes!(admin::revoke_key))
+                .routes(routes!(fleet::list_workers))
+                .routes(routes!(fleet::drain_worker)),
         );
     OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
         .routes(routes!(health::get_liveness))

@@ -22,6 +22,32 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `hotplex worker [drain ID | list]`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = false)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(subcommand)]
+    pub action: Option<WorkerAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerAction {
+    /// Ask a worker to drain: it stops taking work, finishes its running turns, hands its
+    /// sessions over and exits.
+    Drain {
+        /// The worker's id (`hotplex worker list`).
+        id: crate::domain::WorkerId,
+    },
+    /// The fleet's workers: host, pid, sessions, state, last heartbeat.
+    List {
+        /// Include stopped workers.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Everything in one process: migrations, the API and a worker, on an embedded
@@ -37,8 +63,10 @@ pub enum Command {
         insecure_no_auth: bool,
     },
     /// A worker alone: claims sessions, keeps their agents warm and runs their turns.
-    /// Run any number of them against one database; SIGINT/SIGTERM stops one cleanly.
-    Worker(DataArgs),
+    /// Run any number of them against one database; SIGINT/SIGTERM drains one (running
+    /// turns finish, within `worker.drain_timeout`). `worker drain ID` / `worker list` manage
+    /// the fleet.
+    Worker(WorkerArgs),
     /// Apply database migrations and exit.
     Migrate(DataArgs),
     /// Print the OpenAPI document.
@@ -190,7 +218,10 @@ mod tests {
             Cli::try_parse_from(["hotplex", "worker", "--data-dir", "/tmp/x"])
                 .unwrap()
                 .command,
-            Command::Worker(DataArgs { data_dir: Some(_) })
+            Command::Worker(WorkerArgs {
+                data: DataArgs { data_dir: Some(_) },
+                action: None
+            })
         ));
     }
 }

@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::api;
 use crate::app::{AppState, AuthMode, Shutdown};
 use crate::auth::{display_prefix, generate_key, hash_key};
-use crate::cli::{Cli, Command, ConfigCommand, DataArgs, KeysCommand, ServeArgs};
+use crate::cli::{Cli, Command, ConfigCommand, DataArgs, KeysCommand, ServeArgs, WorkerAction};
 use crate::config::{self, ConfigFile, Loaded, Overrides, Settings};
 use crate::db::{Database, EmbeddedMode};
 use crate::domain::{ApiKeyId, Role, TenantName};
@@ -53,10 +53,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = load(&file, &overrides)?;
             serve(loaded.settings, insecure_no_auth).await
         }
-        Command::Worker(data) => {
-            apply_data_args(&mut overrides, &data);
+        Command::Worker(args) => {
+            apply_data_args(&mut overrides, &args.data);
             let settings = load(&file, &overrides)?.settings;
-            worker(settings).await
+            match args.action {
+                None => worker(settings).await,
+                Some(WorkerAction::Drain { id }) => drain_worker(settings, id).await,
+                Some(WorkerAction::List { all }) => list_workers(settings, all).await,
+            }
         }
         Command::Migrate(data) => {
             apply_data_args(&mut overrides, &data);
@@ -178,10 +182,12 @@ async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
     let db = Database::open(&settings, EmbeddedMode::OwnOrAttach).await?;
     let result = async {
         let shutdown = Shutdown::new();
+        // The first signal asks for a drain; the second skips waiting.
+        let requested = tokio_util::sync::CancellationToken::new();
         let forced = tokio_util::sync::CancellationToken::new();
         shutdown
             .tracker
-            .spawn(watch_signals(shutdown.token.clone(), forced.clone()));
+            .spawn(watch_signals(requested.clone(), forced.clone()));
         let worker =
             crate::worker::Worker::start(db.pool.clone(), std::sync::Arc::new(settings.clone()), &shutdown)
                 .await?;
@@ -190,31 +196,93 @@ async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
             let _ = writeln!(out, "hotplex worker {} started", worker.id);
             let _ = out.flush();
         }
-        let lost = tokio::select! {
-            () = shutdown.token.cancelled() => false,
-            // It stopped by itself: declared lost by the fleet after a silence.
-            () = worker.stopped() => true,
+        let signalled = tokio::select! {
+            () = requested.cancelled() => true,
+            // It stopped by itself: drained on request, or declared lost after a silence.
+            () = worker.stopped() => false,
         };
+        if signalled {
+            // Running turns may finish (bounded); then whatever still runs is interrupted.
+            worker.drain();
+            tokio::select! {
+                () = worker.stopped() => {}
+                () = forced.cancelled() => tracing::warn!("second signal: interrupting running turns"),
+                () = tokio::time::sleep(settings.worker.drain_timeout) => {
+                    tracing::warn!("worker.drain_timeout passed: interrupting running turns")
+                }
+            }
+        }
         shutdown.token.cancel();
         tokio::select! {
             () = worker.stopped() => {}
             () = forced.cancelled() => tracing::warn!("second signal: not waiting for running turns"),
             () = tokio::time::sleep(stop_bound(&settings)) => tracing::warn!("the worker did not stop in time"),
         }
+        // Ends the signal watcher, whatever state it is in.
+        requested.cancel();
         forced.cancel();
         shutdown.tracker.close();
         shutdown.tracker.wait().await;
-        anyhow::Ok(lost)
+        anyhow::Ok(worker.is_draining())
     }
     .await;
     db.close().await;
-    result.map(|lost| {
-        if lost {
-            ExitCode::FAILURE
-        } else {
+    // A worker that stopped without draining was declared lost by the fleet.
+    result.map(|drained| {
+        if drained {
             ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         }
     })
+}
+
+/// `hotplex worker drain ID`: asks a worker (anywhere) to drain.
+async fn drain_worker(settings: Settings, id: crate::domain::WorkerId) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&settings, EmbeddedMode::OwnOrAttach).await?;
+    let found = crate::store::workers::drain(&db.pool, id).await;
+    db.close().await;
+    if found? {
+        println!(
+            "worker {id} is draining: it finishes its running turns, hands its sessions over and exits"
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("error: no live worker {id}");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `hotplex worker list`: the fleet's workers.
+async fn list_workers(settings: Settings, all: bool) -> anyhow::Result<ExitCode> {
+    let db = Database::open(&settings, EmbeddedMode::OwnOrAttach).await?;
+    let rows = crate::store::workers::list(&db.pool, all).await;
+    db.close().await;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<36}  {:<20}  {:>7}  {:>8}  {:<8}  HEARTBEAT",
+        "ID", "HOST", "PID", "SESSIONS", "STATE"
+    )?;
+    for w in rows? {
+        let state = match (w.stopped_at.is_some(), w.draining) {
+            (true, _) => "stopped",
+            (false, true) => "draining",
+            (false, false) => "live",
+        };
+        writeln!(
+            out,
+            "{:<36}  {:<20}  {:>7}  {:>8}  {:<8}  {}",
+            w.worker_id,
+            w.host,
+            w.pid.map(|p| p.to_string()).unwrap_or_default(),
+            w.sessions,
+            state,
+            w.heartbeat_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// How long a stopping worker may take: interrupting a turn, then stopping its agent, each

@@ -107,6 +107,10 @@ pub struct WorkerSettings {
     /// Between SIGTERM and SIGKILL when an agent process is stopped.
     #[serde(with = "humantime_serde")]
     pub stop_grace: Duration,
+    /// How long a draining worker (SIGTERM, `hotplex worker drain`) lets its running turns
+    /// finish before it interrupts them.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -118,6 +122,7 @@ impl Default for WorkerSettings {
             turn_timeout: Duration::from_secs(30 * 60),
             stall_timeout: Duration::from_secs(10 * 60),
             stop_grace: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(60),
         }
     }
 }

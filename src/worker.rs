@@ -42,6 +42,9 @@ pub struct Worker {
     stopped: CancellationToken,
     /// The worker's `opencode serve`, shared by its OpenCode sessions (started on use).
     opencode: Arc<crate::provider::opencode::OpenCodeHost>,
+    /// Stops the queue consumers only (draining: no new work, running turns go on).
+    consume: CancellationToken,
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// This host's name, as workers record it (to find a lost worker's processes on its host).
@@ -109,9 +112,11 @@ impl Worker {
             settings,
             actors: Mutex::new(HashMap::new()),
             tasks,
-            token,
+            token: token.clone(),
             stopped: CancellationToken::new(),
             opencode,
+            consume: token.child_token(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         shutdown.tracker.spawn(worker.clone().supervise());
         worker.tasks.spawn(worker.clone().heartbeat());
@@ -144,7 +149,7 @@ impl Worker {
                 .concurrency(4 * BATCH)
                 .data(worker.clone())
                 .build(handle_job);
-            let token = worker.token.clone();
+            let token = worker.consume.clone();
             worker.tasks.spawn(async move {
                 let stop = async move {
                     token.cancelled().await;
@@ -166,12 +171,17 @@ impl Worker {
                 () = self.token.cancelled() => break,
                 () = tokio::time::sleep(period) => {}
             }
-            if let Ok(false) = store::workers::heartbeat(&self.pool, self.id).await {
-                // Silent for too long (paused, cut off): the fleet already moved this
-                // worker's work elsewhere, and its fenced writes fail. Stop, do not linger.
-                tracing::error!(worker.id = %self.id, "this worker was declared lost while silent; stopping");
-                self.token.cancel();
-                break;
+            match store::workers::heartbeat(&self.pool, self.id).await {
+                Ok(store::workers::Standing::Lost) => {
+                    // Silent for too long (paused, cut off): the fleet already moved this
+                    // worker's work elsewhere, and its fenced writes fail. Stop, do not linger.
+                    tracing::error!(worker.id = %self.id, "this worker was declared lost while silent; stopping");
+                    self.token.cancel();
+                    break;
+                }
+                // Asked to drain, and the NOTIFY was missed.
+                Ok(store::workers::Standing::Draining) => self.drain(),
+                _ => {}
             }
             let _ = leases::renew_all(&self.pool, self.id, self.settings.worker.lease_ttl).await;
             if let Err(e) = self.reap_lost_workers().await {
@@ -220,6 +230,59 @@ impl Worker {
         let _ = store::workers::stopped(&self.pool, self.id).await;
         tracing::info!(worker.id = %self.id, "worker stopped");
         self.stopped.cancel();
+    }
+
+    /// Drains the worker: it takes no new work (its consumers stop, new jobs of its
+    /// sessions go to the shared queue), lets every running turn finish, gives each session
+    /// up after its running turn (the transcript is mirrored after every turn), then stops:
+    /// the jobs still queued for it go back to the shared queue. Idempotent.
+    pub fn drain(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.draining.swap(true, Ordering::AcqRel) || self.token.is_cancelled() {
+            return;
+        }
+        tracing::info!(worker.id = %self.id, "draining");
+        self.consume.cancel();
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            let evict_all = async {
+                loop {
+                    let open: Vec<(SessionId, mpsc::Sender<Command>)> = {
+                        let mut actors = me.actors.lock().unwrap_or_else(PoisonError::into_inner);
+                        actors.retain(|_, h| !h.tx.is_closed());
+                        actors
+                            .iter_mut()
+                            .map(|(id, h)| {
+                                h.evicting = true;
+                                (*id, h.tx.clone())
+                            })
+                            .collect()
+                    };
+                    if open.is_empty() {
+                        break;
+                    }
+                    for (session, tx) in open {
+                        // An actor stops after its running turn; a closed channel: gone.
+                        tracing::info!(session.id = %session, "draining: giving the session up after its running turn");
+                        let _ = tx.send(Command::Evict).await;
+                        tx.closed().await;
+                    }
+                }
+            };
+            tokio::select! {
+                () = evict_all => tracing::info!(worker.id = %me.id, "drained: every session was given up"),
+                () = tokio::time::sleep(me.settings.worker.drain_timeout) => {
+                    tracing::warn!(worker.id = %me.id, "worker.drain_timeout passed: interrupting the turns still running");
+                }
+                () = me.token.cancelled() => {}
+            }
+            me.token.cancel();
+        });
+    }
+
+    /// Whether the worker is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Resolves once the worker has stopped (after its shutdown token was cancelled).
@@ -302,7 +365,9 @@ impl Worker {
             let stopping = {
                 let actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
                 match actors.get(&session).filter(|h| !h.tx.is_closed()) {
-                    Some(h) if !h.evicting => return Ok(Claim::Actor(h.tx.clone())),
+                    Some(h) if !h.evicting && !self.is_draining() => {
+                        return Ok(Claim::Actor(h.tx.clone()));
+                    }
                     Some(h) => Some(h.tx.clone()),
                     None => None,
                 }
@@ -314,7 +379,11 @@ impl Worker {
                 None => break,
             }
         }
-        {
+        // Draining: no new sessions here (the job goes to whoever owns the session next).
+        if self.is_draining() {
+            return Ok(Claim::Elsewhere);
+        }
+        let evicted = {
             let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
             // Entries of actors that have ended (idle, deleted, evicted) go here.
             actors.retain(|_, h| !h.tx.is_closed());
@@ -329,8 +398,16 @@ impl Worker {
                 };
                 tracing::info!(session.id = %id, "at capacity: evicting the least recently active session");
                 victim.evicting = true;
-                let _ = victim.tx.try_send(Command::Evict);
+                Some(victim.tx.clone())
+            } else {
+                None
             }
+        };
+        // The slot is free once the evicted session has stopped its agent and given up its
+        // lease: never more warm agents than `worker.capacity`, not even for a moment.
+        if let Some(tx) = evicted {
+            let _ = tx.send(Command::Evict).await;
+            tx.closed().await;
         }
         let Some(fence) =
             leases::claim(&self.pool, session, self.id, self.settings.worker.lease_ttl)
@@ -399,6 +476,13 @@ struct Control(Arc<Worker>);
 impl crate::events::listener::Handler for Control {
     fn notify(&self, channel: &str, payload: &str) {
         if channel != CONTROL_CHANNEL {
+            return;
+        }
+        // `worker:<id>:drain` is for a worker; everything else is `<session>:<action>`.
+        if let Some(rest) = payload.strip_prefix("worker:") {
+            if rest.strip_suffix(":drain") == Some(self.0.id.to_string().as_str()) {
+                self.0.drain();
+            }
             return;
         }
         if let Some((session, action)) = payload.split_once(':')

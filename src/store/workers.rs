@@ -26,17 +26,81 @@ pub async fn register(
     Ok(())
 }
 
-/// Records that the worker is alive; `false` when it was already declared lost (another
-/// worker took its work over while it was silent), in which case it must stop.
-pub async fn heartbeat(db: impl PgExecutor<'_>, id: WorkerId) -> Result<bool> {
-    let n = sqlx::query(
-        "update workers set heartbeat_at = now() where worker_id = $1 and stopped_at is null",
+/// What a heartbeat learned about the worker itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Live,
+    /// Asked to drain (by `hotplex worker drain` or the admin API).
+    Draining,
+    /// Declared lost while it was silent: another worker took its work over; it must stop.
+    Lost,
+}
+
+/// Records that the worker is alive, and tells it where it stands.
+pub async fn heartbeat(db: impl PgExecutor<'_>, id: WorkerId) -> Result<Standing> {
+    let draining: Option<bool> = sqlx::query_scalar(
+        "update workers set heartbeat_at = now() where worker_id = $1 and stopped_at is null
+         returning draining",
     )
     .bind(id)
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(n > 0)
+    .fetch_optional(db)
+    .await?;
+    Ok(match draining {
+        None => Standing::Lost,
+        Some(true) => Standing::Draining,
+        Some(false) => Standing::Live,
+    })
+}
+
+/// Asks a live worker to drain (and wakes it through `session_control`); `false` when no
+/// live worker has that id.
+pub async fn drain(db: impl PgExecutor<'_>, id: WorkerId) -> Result<bool> {
+    let found: Option<i32> = sqlx::query_scalar(
+        "with w as (
+             update workers set draining = true where worker_id = $1 and stopped_at is null
+          returning worker_id
+         )
+         select 1 from w, pg_notify($2, 'worker:' || $1::text || ':drain')",
+    )
+    .bind(id)
+    .bind(crate::events::CONTROL_CHANNEL)
+    .fetch_optional(db)
+    .await?;
+    Ok(found.is_some())
+}
+
+/// A worker as the admin API and `hotplex worker list` show it.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
+pub struct WorkerRow {
+    pub worker_id: WorkerId,
+    pub host: String,
+    pub pid: Option<i32>,
+    pub version: Option<String>,
+    pub capacity: i32,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub heartbeat_at: chrono::DateTime<chrono::Utc>,
+    pub draining: bool,
+    pub stopped_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Sessions it holds a live lease on.
+    pub sessions: i64,
+}
+
+/// Live workers (and, with `all`, stopped ones too), newest first.
+pub async fn list(db: impl PgExecutor<'_>, all: bool) -> Result<Vec<WorkerRow>> {
+    let rows = sqlx::query_as::<_, WorkerRow>(
+        "select w.worker_id, w.host, w.pid, w.version, w.capacity, w.started_at, w.heartbeat_at,
+                w.draining, w.stopped_at,
+                (select count(*) from session_leases l
+                  where l.worker_id = w.worker_id and l.expires_at > now()) as sessions
+           from workers w
+          where $1 or w.stopped_at is null
+          order by w.started_at desc
+          limit 1000",
+    )
+    .bind(all)
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
 }
 
 /// Marks the worker gone; its leases become free at once.

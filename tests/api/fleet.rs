@@ -231,3 +231,138 @@ async fn a_worker_killed_mid_turn_loses_that_turn_and_the_session_goes_on_elsewh
     }
     assert!(serve.stop(Signal::SIGINT).await.success());
 }
+
+#[tokio::test]
+async fn a_drained_worker_finishes_its_turn_hands_its_sessions_over_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let key = create_key(&db.pool, "default", hotplex::domain::Role::Admin).await;
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let fake = crate::processes::fake_agent_script(dir.path());
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        (
+            "HOTPLEX_PROVIDERS__CLAUDE_CODE__BINARY",
+            fake.to_str().unwrap(),
+        ),
+    ];
+    let serve = Running::spawn(
+        dir.path(),
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
+        &env,
+        "hotplex listening on ",
+    )
+    .await;
+    let worker_args = ["worker", "--data-dir", data];
+    let first = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
+    let first_id = first.ready.trim_end_matches(" started").to_owned();
+    let base = serve.ready.clone();
+    let client = reqwest::Client::new();
+    let session: Value = client
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth(&key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = session["id"].as_str().unwrap().to_owned();
+    // A client follows the session's events from the start.
+    let mut sse = crate::support::Sse::new(
+        client
+            .get(format!("{base}/v1/sessions/{sid}/events"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+    );
+    let post = |prompt: &'static str| {
+        client
+            .post(format!("{base}/v1/sessions/{sid}/turns"))
+            .bearer_auth(&key)
+            .json(&json!({ "prompt": prompt }))
+            .send()
+    };
+    let slow: Value = post("[[slow]] a long story")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let queued: Value = post("after the drain").await.unwrap().json().await.unwrap();
+    let mut seen = sse
+        .until(Duration::from_secs(30), |e| e.event == "text.delta")
+        .await;
+    // The second worker joins; then the first is drained through the admin API.
+    let second = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
+    let second_id = second.ready.trim_end_matches(" started").to_owned();
+    let listed: Value = client
+        .get(format!("{base}/v1/admin/workers"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["workers"].as_array().unwrap().len(), 2, "{listed}");
+    // The same from the command line.
+    let out = crate::processes::hotplex(dir.path())
+        .args(["worker", "--data-dir", data, "list"])
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains(&first_id) && table.contains(&second_id),
+        "{table}"
+    );
+    let r = client
+        .post(format!("{base}/v1/admin/workers/{first_id}/drain"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let status = first.exited(Duration::from_secs(60), dir.path()).await;
+    assert!(status.success(), "{status}");
+
+    // The running turn finished where it was; the queued one ran on the other worker.
+    let slow = ended_turn(
+        &client,
+        &base,
+        &key,
+        slow["id"].as_str().unwrap(),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(slow["status"], "completed", "{slow}");
+    assert_eq!(slow["worker_id"], first_id.as_str());
+    let done = ended_turn(
+        &client,
+        &base,
+        &key,
+        queued["id"].as_str().unwrap(),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["worker_id"], second_id.as_str(), "{done}");
+    // The client saw every event once, in order, across the move.
+    seen.extend(
+        sse.until(Duration::from_secs(30), |e| {
+            e.event == "turn.completed" && e.data["turn_id"] == queued["id"]
+        })
+        .await,
+    );
+    let ids: Vec<i64> = seen.iter().map(|e| e.id).collect();
+    assert_eq!(ids[0], 1);
+    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "{ids:?}");
+    assert!(second.stop(Signal::SIGTERM).await.success());
+    assert!(serve.stop(Signal::SIGINT).await.success());
+}

@@ -16,7 +16,7 @@ use crate::support::{TestDb, create_key, hotplex_bin, without_live_fields};
 
 /// The binary with a clean environment: nothing of the developer's `DATABASE_URL` or
 /// `HOTPLEX_*` leaks in.
-fn hotplex(dir: &Path) -> Command {
+pub(crate) fn hotplex(dir: &Path) -> Command {
     let mut cmd = Command::new(hotplex_bin());
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -101,6 +101,17 @@ impl Running {
         Pid::from_raw(self.child.id().expect("running") as i32)
     }
 
+    /// Waits for the process to exit by itself; on timeout the panic shows the logs in `dir`.
+    pub(crate) async fn exited(mut self, within: Duration, dir: &Path) -> std::process::ExitStatus {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "the process did not exit within {within:?}{}",
+                logs_tail(dir)
+            ),
+        }
+    }
+
     pub(crate) async fn stop(mut self, signal: Signal) -> std::process::ExitStatus {
         kill(self.pid(), signal).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
@@ -122,6 +133,21 @@ impl Drop for Running {
             }
         }
     }
+}
+
+/// A `claude` that is the fake agent (`hotplex fake-agent`), in `dir`.
+pub(crate) fn fake_agent_script(dir: &Path) -> std::path::PathBuf {
+    let fake = dir.join("fake-claude");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nexec '{}' fake-agent \"$@\"\n",
+            hotplex_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    fake
 }
 
 /// PIDs of live processes whose command line mentions `needle`.
@@ -364,6 +390,14 @@ pub(crate) async fn ended_turn(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    panic!(
+        "turn {id} did not end within 60 s: {turn}{}",
+        logs_tail(dir)
+    );
+}
+
+/// The last lines of every process log in `dir`, for a failure message.
+pub(crate) fn logs_tail(dir: &Path) -> String {
     let mut logs = String::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
         let path = entry.path();
@@ -377,7 +411,7 @@ pub(crate) async fn ended_turn(
             }
         }
     }
-    panic!("turn {id} did not end within 60 s: {turn}{logs}");
+    logs
 }
 
 #[tokio::test]
@@ -387,22 +421,15 @@ async fn serve_and_worker_processes_share_the_work_and_a_stopped_worker_hands_it
     let key = create_key(&db.pool, "default", hotplex::domain::Role::Admin).await;
     let data = dir.path().join("data");
     let data = data.to_str().unwrap();
-    let fake = dir.path().join("fake-claude");
-    std::fs::write(
-        &fake,
-        format!(
-            "#!/bin/sh\nexec '{}' fake-agent \"$@\"\n",
-            hotplex_bin().display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let fake = fake_agent_script(dir.path());
+    // A short drain: the slow turn is interrupted rather than waited for.
     let env = [
         ("DATABASE_URL", db.url.as_str()),
         (
             "HOTPLEX_PROVIDERS__CLAUDE_CODE__BINARY",
             fake.to_str().unwrap(),
         ),
+        ("HOTPLEX_WORKER__DRAIN_TIMEOUT", "1s"),
     ];
     let serve = Running::spawn(
         dir.path(),
@@ -479,8 +506,13 @@ async fn serve_and_worker_processes_share_the_work_and_a_stopped_worker_hands_it
         dir.path(),
     )
     .await;
-    assert_eq!(slow["status"], "failed", "{slow}");
-    assert_eq!(slow["error"], "the worker stopped during the turn");
+    // SIGTERM drains for `worker.drain_timeout` (1 s here), then interrupts: the 4 s turn
+    // fails, unless a slow machine let it finish within the drain, which is fine too.
+    match slow["status"].as_str() {
+        Some("failed") => assert_eq!(slow["error"], "the worker stopped during the turn"),
+        Some("completed") => {}
+        _ => panic!("{slow}"),
+    }
     let waiting: Value = client
         .get(format!(
             "{base}/v1/turns/{}",
