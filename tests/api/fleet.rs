@@ -366,3 +366,98 @@ async fn a_drained_worker_finishes_its_turn_hands_its_sessions_over_and_exits_0(
     assert!(second.stop(Signal::SIGTERM).await.success());
     assert!(serve.stop(Signal::SIGINT).await.success());
 }
+
+/// Every process on this host whose environment names `worker` as its owner, with its
+/// state (`Z` for a zombie).
+fn processes_of(worker: &str) -> Vec<(u32, String)> {
+    let needle = format!("{}={worker}", hotplex::provider::process::OWNER_VAR);
+    let mut found = Vec::new();
+    for pid in std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .map(|(_, rest)| rest.chars().take(1).collect())
+                .unwrap_or_default();
+            found.push((pid, state));
+        }
+    }
+    found
+}
+
+/// Zombies among this (test) process's children.
+fn zombie_children() -> Vec<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                return false;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.first() == Some(&"Z") && fields.get(1) == Some(&me.as_str())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_thousand_create_and_delete_cycles_leave_no_process_and_no_zombie() {
+    let app = crate::support::TestApp::spawn_with_worker(|_| {}).await;
+    let worker = app.worker.as_ref().unwrap().worker.id.to_string();
+    let cycles = 1_000;
+    let parallel = 10;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let cycle = || async {
+        while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < cycles {
+            let sid = app.new_session(&app.admin_key).await;
+            // A turn, so that an agent process starts for the session.
+            let turn: Value = app
+                .post(
+                    &format!("/v1/sessions/{sid}/turns?wait=true&timeout=60"),
+                    &app.admin_key,
+                )
+                .json(&json!({"prompt": "hi"}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(turn["status"], "completed", "{turn}");
+            let r = app
+                .delete(&format!("/v1/sessions/{sid}"), &app.admin_key)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 204);
+        }
+    };
+    futures::future::join_all((0..parallel).map(|_| cycle())).await;
+    // Deletes stop agents asynchronously (a NOTIFY to the owner): give them a moment.
+    let mut left = processes_of(&worker);
+    for _ in 0..100 {
+        if left.is_empty() && zombie_children().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = processes_of(&worker);
+    }
+    assert!(left.is_empty(), "agent processes left: {left:?}");
+    assert_eq!(zombie_children(), Vec::<u32>::new(), "zombies left");
+    let started: i64 =
+        sqlx::query_scalar("select count(*) from session_events where type = 'turn.started'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(started, cycles as i64);
+}
