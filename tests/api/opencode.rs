@@ -239,8 +239,11 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
     let turn = events
         .until(|e| e["type"] == "session.idle", Duration::from_secs(30))
         .await;
+    // (The agent's deltas may arrive as one coalesced event or several: one run of them.)
+    let mut shape = kinds(&turn);
+    shape.dedup_by(|a, b| *a == "message.part.delta" && *b == "message.part.delta");
     assert_eq!(
-        kinds(&turn),
+        shape,
         [
             "session.status",
             "message.updated",
@@ -265,17 +268,23 @@ async fn prompts_stream_as_opencode_events_and_read_back_as_messages() {
         turn[1]["properties"]["info"]["id"],
         "msg_00000000000100000000000000"
     );
-    let delta = &turn[6]["properties"];
-    let final_text = &turn[7]["properties"]["part"];
-    assert_eq!(delta["partID"], final_text["id"]);
-    assert_eq!(delta["delta"], final_text["text"]);
+    let deltas: Vec<&Value> = turn
+        .iter()
+        .filter(|e| e["type"] == "message.part.delta")
+        .map(|e| &e["properties"])
+        .collect();
+    let n = turn.len();
+    let final_text = &turn[n - 5]["properties"]["part"];
+    assert!(deltas.iter().all(|d| d["partID"] == final_text["id"]));
+    let streamed: String = deltas.iter().filter_map(|d| d["delta"].as_str()).collect();
+    assert_eq!(streamed, final_text["text"].as_str().unwrap());
     assert!(
         final_text["text"]
             .as_str()
             .unwrap()
             .starts_with("FAKE-ECHO(turn 1): hello")
     );
-    let done = &turn[9]["properties"]["info"];
+    let done = &turn[n - 3]["properties"]["info"];
     assert_eq!(done["finish"], "stop");
     assert_eq!(done["parentID"], "msg_00000000000100000000000000");
     assert!(done["tokens"]["output"].as_i64().unwrap() > 0 && done["time"]["completed"].is_i64());
