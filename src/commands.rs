@@ -222,7 +222,12 @@ async fn worker(settings: Settings) -> anyhow::Result<ExitCode> {
         requested.cancel();
         forced.cancel();
         shutdown.tracker.close();
-        shutdown.tracker.wait().await;
+        if tokio::time::timeout(stop_bound(&settings), shutdown.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("exiting with tasks still running");
+        }
         anyhow::Ok(worker.is_draining())
     }
     .await;

@@ -42,8 +42,6 @@ pub struct Worker {
     stopped: CancellationToken,
     /// The worker's `opencode serve`, shared by its OpenCode sessions (started on use).
     opencode: Arc<crate::provider::opencode::OpenCodeHost>,
-    /// Stops the queue consumers only (draining: no new work, running turns go on).
-    consume: CancellationToken,
     draining: std::sync::atomic::AtomicBool,
 }
 
@@ -69,6 +67,8 @@ enum Claim {
     Elsewhere,
     /// Every warm slot runs a turn.
     Full,
+    /// This worker is draining: it takes no new session.
+    Draining,
 }
 
 /// How long a job waits before another try when every worker slot was busy.
@@ -115,7 +115,6 @@ impl Worker {
             token: token.clone(),
             stopped: CancellationToken::new(),
             opencode,
-            consume: token.child_token(),
             draining: std::sync::atomic::AtomicBool::new(false),
         });
         shutdown.tracker.spawn(worker.clone().supervise());
@@ -149,7 +148,7 @@ impl Worker {
                 .concurrency(4 * BATCH)
                 .data(worker.clone())
                 .build(handle_job);
-            let token = worker.consume.clone();
+            let token = worker.token.clone();
             worker.tasks.spawn(async move {
                 let stop = async move {
                     token.cancelled().await;
@@ -218,7 +217,16 @@ impl Worker {
     async fn supervise(self: Arc<Self>) {
         self.token.cancelled().await;
         self.tasks.close();
-        self.tasks.wait().await;
+        // Actors end within two `stop_grace`s (interrupt, then kill); a queue consumer of
+        // apalis has been seen to hang in its own stop (docs/apalis.md): the hand-back must
+        // not wait for it forever, or the jobs would wait for another worker's sweep.
+        let bound = 2 * self.settings.worker.stop_grace + Duration::from_secs(5);
+        if tokio::time::timeout(bound, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(worker.id = %self.id, "some worker tasks did not finish in time; handing the jobs back anyway");
+        }
         match queue::hand_back(&self.pool, self.id).await {
             Ok(0) => {}
             Ok(n) => {
@@ -232,8 +240,9 @@ impl Worker {
         self.stopped.cancel();
     }
 
-    /// Drains the worker: it takes no new work (its consumers stop, new jobs of its
-    /// sessions go to the shared queue), lets every running turn finish, gives each session
+    /// Drains the worker: it takes no new session (jobs for one go back to the queue for
+    /// the others; new prompts of its sessions go to the shared queue), lets every running
+    /// turn finish, gives each session
     /// up after its running turn (the transcript is mirrored after every turn), then stops:
     /// the jobs still queued for it go back to the shared queue. Idempotent.
     pub fn drain(self: &Arc<Self>) {
@@ -241,8 +250,9 @@ impl Worker {
         if self.draining.swap(true, Ordering::AcqRel) || self.token.is_cancelled() {
             return;
         }
+        // The queue consumers keep running until the end: apalis cannot settle jobs in
+        // flight once its consumer has stopped (they would hang the worker's stop).
         tracing::info!(worker.id = %self.id, "draining");
-        self.consume.cancel();
         let me = self.clone();
         self.tasks.spawn(async move {
             let evict_all = async {
@@ -309,6 +319,9 @@ impl Worker {
             Claim::Elsewhere => return self.push_again(job, queue::Push::Again).await,
             // No room here now: any worker (this one included) tries again shortly.
             Claim::Full => return self.push_again(job, queue::Push::Later(FULL_RETRY)).await,
+            // Draining: another worker takes it; the delay keeps this worker's own consumers
+            // (which keep running until the drain ends) from fetching it straight back.
+            Claim::Draining => return self.push_again(job, queue::Push::Later(FULL_RETRY)).await,
         };
         let (done, wait) = oneshot::channel();
         if sender
@@ -381,7 +394,7 @@ impl Worker {
         }
         // Draining: no new sessions here (the job goes to whoever owns the session next).
         if self.is_draining() {
-            return Ok(Claim::Elsewhere);
+            return Ok(Claim::Draining);
         }
         let evicted = {
             let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);
