@@ -410,48 +410,104 @@ pub async fn set_model_before_first_turn(
     Ok(n > 0)
 }
 
-/// Mirrors the agent's conversation state (fenced: only the session's owner writes it).
-pub async fn save_agent_state(
+/// How many bytes of the conversation `cli_session_id` are mirrored.
+pub async fn mirrored_len(
     db: impl PgExecutor<'_>,
     session: SessionId,
+    cli_session_id: uuid::Uuid,
+) -> Result<i64> {
+    let n: Option<i64> = sqlx::query_scalar(
+        "select max(byte_offset + length(content)) from agent_state_chunks
+          where session_id = $1 and cli_session_id = $2",
+    )
+    .bind(session)
+    .bind(cli_session_id)
+    .fetch_one(db)
+    .await?;
+    Ok(n.unwrap_or(0))
+}
+
+/// Mirrors `content`, the bytes of the conversation from `offset` on (fenced: only the
+/// session's owner writes). At offset 0 it replaces whatever was mirrored before (a new
+/// conversation, or a file that was rewritten). `false` when the lease was lost.
+pub async fn append_agent_state(
+    conn: &mut sqlx::PgConnection,
+    session: SessionId,
     fence: super::events::Fence,
-    provider: Provider,
-    cli_session_id: Option<uuid::Uuid>,
+    cli_session_id: uuid::Uuid,
+    offset: i64,
     content: &[u8],
 ) -> Result<bool> {
-    let n = sqlx::query(
-        "insert into agent_state (session_id, provider, cli_session_id, content)
+    let insert = "insert into agent_state_chunks (session_id, cli_session_id, byte_offset, content)
          select $1, $4, $5, $6
           where exists (select 1 from session_leases l
                          where l.session_id = $1 and l.worker_id = $2 and l.generation = $3)
-         on conflict (session_id) do update
-            set provider = excluded.provider, cli_session_id = excluded.cli_session_id,
-                content = excluded.content, updated_at = now()",
-    )
-    .bind(session)
-    .bind(fence.worker_id)
-    .bind(fence.generation)
-    .bind(provider.as_str())
-    .bind(cli_session_id)
-    .bind(content)
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(n > 0)
+         on conflict do nothing";
+    if offset > 0 {
+        // The common case, one statement: the turn's new bytes.
+        let n = sqlx::query(insert)
+            .bind(session)
+            .bind(fence.worker_id)
+            .bind(fence.generation)
+            .bind(cli_session_id)
+            .bind(offset)
+            .bind(content)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        return Ok(n > 0);
+    }
+    use sqlx::Connection as _;
+    let mut tx = conn.begin().await?;
+    // A separate statement: an insert in the same statement would still see the rows the
+    // delete removes, and its ON CONFLICT would skip.
+    sqlx::query("delete from agent_state_chunks where session_id = $1")
+        .bind(session)
+        .execute(&mut *tx)
+        .await?;
+    let n = sqlx::query(insert)
+        .bind(session)
+        .bind(fence.worker_id)
+        .bind(fence.generation)
+        .bind(cli_session_id)
+        .bind(offset)
+        .bind(content)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if n == 0 {
+        // Fenced out: keep what was mirrored.
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
-/// The mirrored conversation state of a session, if it is for `cli_session_id`.
+/// The mirrored conversation `cli_session_id` of a session, if one is mirrored whole (its
+/// chunks follow each other without a gap).
 pub async fn agent_state(
     db: impl PgExecutor<'_>,
     session: SessionId,
     cli_session_id: uuid::Uuid,
 ) -> Result<Option<Vec<u8>>> {
-    let content = sqlx::query_scalar(
-        "select content from agent_state where session_id = $1 and cli_session_id = $2",
+    let chunks: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "select byte_offset, content from agent_state_chunks
+          where session_id = $1 and cli_session_id = $2 order by byte_offset",
     )
     .bind(session)
     .bind(cli_session_id)
-    .fetch_optional(db)
+    .fetch_all(db)
     .await?;
-    Ok(content)
+    if chunks.is_empty() {
+        return Ok(None);
+    }
+    let mut whole = Vec::new();
+    for (offset, bytes) in chunks {
+        if offset != whole.len() as i64 {
+            return Ok(None);
+        }
+        whole.extend_from_slice(&bytes);
+    }
+    Ok(Some(whole))
 }

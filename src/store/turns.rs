@@ -433,6 +433,15 @@ pub async fn start(
     last.ok_or(Error::Fenced)
 }
 
+/// New bytes of the agent's transcript, mirrored by [`finish`] in the same statement (see
+/// `sessions::append_agent_state` for the table).
+#[derive(Debug, Clone, Copy)]
+pub struct Chunk<'a> {
+    pub cli_session_id: uuid::Uuid,
+    pub offset: i64,
+    pub content: &'a [u8],
+}
+
 /// How a turn ended, for [`finish`].
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -451,6 +460,7 @@ pub async fn finish(
     fence: Fence,
     outcome: &Outcome,
     events: &[NewEvent],
+    mirror: Option<Chunk<'_>>,
 ) -> Result<bool> {
     let (status, result, error, usage) = match outcome {
         Outcome::Completed { result, usage } => {
@@ -502,6 +512,10 @@ pub async fn finish(
              select $1, s.last_event_seq - ($16 + case when s.idle then 1 else 0 end) + evs.ord,
                     evs.turn_id, evs.type, evs.payload
                from s, evs
+         ), m as (
+             insert into agent_state_chunks (session_id, cli_session_id, byte_offset, content)
+             select $1, $21, $22, $23 from t where $23::bytea is not null
+             on conflict do nothing
          )
          select idle from s",
     )
@@ -525,6 +539,9 @@ pub async fn finish(
     .bind(&kinds)
     .bind(&payloads)
     .bind(idle_event)
+    .bind(mirror.map(|c| c.cli_session_id))
+    .bind(mirror.map(|c| c.offset))
+    .bind(mirror.map(|c| c.content))
     .fetch_optional(&mut *conn)
     .await?;
     idle.ok_or(Error::Fenced)

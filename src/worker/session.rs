@@ -155,6 +155,9 @@ pub struct Actor {
     /// Where the Claude Code transcript of the warm process lives (`HOME`, conversation
     /// id), mirrored to the database after every turn.
     transcript: Option<(PathBuf, Uuid)>,
+    /// How many bytes of the transcript are mirrored. Mirroring runs beside the actor (the
+    /// next turn need not wait for it); the lock keeps the mirrors of one session in order.
+    mirrored: Arc<tokio::sync::Mutex<u64>>,
     deleted: bool,
     evicted: bool,
     activity: Arc<Activity>,
@@ -187,6 +190,7 @@ impl Actor {
             process: None,
             waiters: Waiters::default(),
             transcript: None,
+            mirrored: Arc::default(),
             deleted: false,
             evicted: false,
             activity,
@@ -347,6 +351,10 @@ impl Actor {
         let _ =
             leases::set_process(&self.pool, self.session, self.fence, Some(process.pid())).await;
         tracing::info!(session.id = %self.session, process.pid = process.pid(), resume, "agent process ready");
+        let mirrored = sessions::mirrored_len(&self.pool, self.session, cli_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        *self.mirrored.lock().await = mirrored.max(0) as u64;
         self.transcript = Some((home, cli_id));
         self.process = Some(Agent::Claude(Box::new(process)));
         Ok(resume)
@@ -586,45 +594,105 @@ impl Actor {
         };
         let mut evs = writer.take();
         evs.push(NewEvent::turn(turn.turn_id, terminal));
+        // The turn's new transcript bytes go in the same statement (no extra commit per
+        // turn); the lock keeps this session's mirrors in order.
+        let mirrored = self.mirrored.clone();
+        let mut mirrored = mirrored.lock().await;
+        let chunk = match &self.transcript {
+            Some((home, cli_id)) => new_transcript_bytes(home, *cli_id, *mirrored)
+                .await
+                .map(|(offset, bytes)| (*cli_id, offset, bytes)),
+            None => None,
+        };
         {
             let mut conn = self.pool.acquire().await?;
-            turns::finish(&mut conn, turn, self.fence, &outcome, &evs).await?;
+            let mirror = chunk.as_ref().map(|(cli, offset, bytes)| turns::Chunk {
+                cli_session_id: *cli,
+                offset: *offset as i64,
+                content: bytes,
+            });
+            turns::finish(&mut conn, turn, self.fence, &outcome, &evs, mirror).await?;
         }
+        if let Some((_, offset, bytes)) = &chunk {
+            *mirrored = offset + bytes.len() as u64;
+        }
+        drop(mirrored);
         self.waiters.ended(turn.turn_id);
+        // Bytes the CLI writes after its result (and a rewritten file) follow separately.
         self.mirror_transcript().await;
         Ok(())
     }
 
-    /// Copies the conversation's transcript to the database, so that another worker (with
-    /// another HOME, on another host) can resume it. A failure costs only that: the next
-    /// owner elsewhere would start afresh (`session.context_lost`).
-    async fn mirror_transcript(&self) {
-        let Some((home, cli_id)) = &self.transcript else {
+    /// Copies what the turn added to the conversation's transcript to the database, so that
+    /// another worker (with another HOME, on another host) can resume it. The CLI appends to
+    /// its transcript, so this is the turn's own bytes; a file that shrank was rewritten and
+    /// is mirrored whole again. A failure costs only that: the next owner elsewhere would
+    /// start afresh (`session.context_lost`).
+    async fn mirror_transcript(&mut self) {
+        let Some((home, cli_id)) = self.transcript.clone() else {
             return;
         };
-        let Some(path) = transcript::find_transcript(home, *cli_id) else {
-            return;
-        };
-        let content = match tokio::fs::read(&path).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(session.id = %self.session, error = %e, "reading the transcript to mirror failed");
+        let (pool, session, fence) = (self.pool.clone(), self.session, self.fence);
+        let mirrored = self.mirrored.clone();
+        self.tracker.spawn(async move {
+            let mut mirrored = mirrored.lock().await;
+            let Some(path) = transcript::find_transcript(&home, cli_id) else {
+                return;
+            };
+            let read = async {
+                use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                let mut file = tokio::fs::File::open(&path).await?;
+                let len = file.metadata().await?.len();
+                let from = if len < *mirrored { 0 } else { *mirrored };
+                file.seek(std::io::SeekFrom::Start(from)).await?;
+                let mut bytes = Vec::with_capacity((len - from) as usize);
+                file.read_to_end(&mut bytes).await?;
+                std::io::Result::Ok((from, bytes))
+            };
+            let (from, bytes) = match read.await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(session.id = %session, error = %e, "reading the transcript to mirror failed");
+                    return;
+                }
+            };
+            if bytes.is_empty() {
                 return;
             }
-        };
-        if let Err(e) = sessions::save_agent_state(
-            &self.pool,
-            self.session,
-            self.fence,
-            Provider::ClaudeCode,
-            Some(*cli_id),
-            &content,
-        )
-        .await
-        {
-            tracing::warn!(session.id = %self.session, error = %e, "mirroring the transcript failed");
-        }
+            let written = async {
+                let mut conn = pool.acquire().await?;
+                sessions::append_agent_state(&mut conn, session, fence, cli_id, from as i64, &bytes)
+                    .await
+            };
+            match written.await {
+                Ok(_) => *mirrored = from + bytes.len() as u64,
+                Err(e) => {
+                    tracing::warn!(session.id = %session, error = %e, "mirroring the transcript failed")
+                }
+            }
+        });
     }
+}
+
+/// The bytes of the transcript after `mirrored`, with their offset; `None` when there are
+/// none, the file cannot be read, or it shrank (rewritten: [`Actor::mirror_transcript`]
+/// mirrors it whole).
+async fn new_transcript_bytes(
+    home: &std::path::Path,
+    cli_id: Uuid,
+    mirrored: u64,
+) -> Option<(u64, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let path = transcript::find_transcript(home, cli_id)?;
+    let mut file = tokio::fs::File::open(&path).await.ok()?;
+    let len = file.metadata().await.ok()?.len();
+    if len <= mirrored || (mirrored == 0 && len == 0) {
+        return None;
+    }
+    file.seek(std::io::SeekFrom::Start(mirrored)).await.ok()?;
+    let mut bytes = Vec::with_capacity((len - mirrored) as usize);
+    file.read_to_end(&mut bytes).await.ok()?;
+    Some((mirrored, bytes))
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {

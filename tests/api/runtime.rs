@@ -243,7 +243,7 @@ async fn a_lost_transcript_comes_back_from_its_mirror_or_starts_afresh_with_cont
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     std::fs::remove_dir_all(home.join(".claude/projects")).expect("transcripts existed");
-    sqlx::query("delete from agent_state")
+    sqlx::query("delete from agent_state_chunks")
         .execute(&app.db.pool)
         .await
         .unwrap();
