@@ -9,7 +9,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::processes::{Running, ended_turn};
+use crate::processes::{Running, ended_turn, new_session, post_turn, serve, worker};
 
 fn as_refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
     v.iter().map(|(k, s)| (k.as_str(), s.as_str())).collect()
@@ -74,18 +74,11 @@ async fn a_worker_killed_mid_turn_loses_that_turn_and_the_session_goes_on_elsewh
         env(&home("home-a")),
         env(&home("home-b")),
     );
-    let serve = Running::spawn(
-        dir.path(),
-        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
-        &as_refs(&env_serve),
-        "hotplex listening on ",
-    )
-    .await;
-    let worker_args = ["worker", "--data-dir", data];
+    let serve = serve(dir.path(), data, &as_refs(&env_serve)).await;
     let mut workers: HashMap<String, Running> = HashMap::new();
     for env in [&env_a, &env_b] {
-        let w = Running::spawn(dir.path(), &worker_args, &as_refs(env), "hotplex worker ").await;
-        workers.insert(w.ready.trim_end_matches(" started").to_owned(), w);
+        let (w, id) = worker(dir.path(), data, &as_refs(env)).await;
+        workers.insert(id, w);
     }
     let base = serve.ready.clone();
     let client = reqwest::Client::new();
@@ -96,13 +89,7 @@ async fn a_worker_killed_mid_turn_loses_that_turn_and_the_session_goes_on_elsewh
             .json(&body)
             .send()
     };
-    let session: Value = post("/v1/sessions".into(), json!({}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = session["id"].as_str().unwrap().to_owned();
+    let sid = new_session(&client, &base, &key).await;
     let turns = format!("/v1/sessions/{sid}/turns");
     let first: Value = post(
         format!("{turns}?wait=true&timeout=120"),
@@ -248,29 +235,11 @@ async fn a_drained_worker_finishes_its_turn_hands_its_sessions_over_and_exits_0(
             fake.to_str().unwrap(),
         ),
     ];
-    let serve = Running::spawn(
-        dir.path(),
-        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
-        &env,
-        "hotplex listening on ",
-    )
-    .await;
-    let worker_args = ["worker", "--data-dir", data];
-    let first = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
-    let first_id = first.ready.trim_end_matches(" started").to_owned();
+    let serve = serve(dir.path(), data, &env).await;
+    let (first, first_id) = worker(dir.path(), data, &env).await;
     let base = serve.ready.clone();
     let client = reqwest::Client::new();
-    let session: Value = client
-        .post(format!("{base}/v1/sessions"))
-        .bearer_auth(&key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = session["id"].as_str().unwrap().to_owned();
+    let sid = new_session(&client, &base, &key).await;
     // A client follows the session's events from the start.
     let mut sse = crate::support::Sse::new(
         client
@@ -280,26 +249,13 @@ async fn a_drained_worker_finishes_its_turn_hands_its_sessions_over_and_exits_0(
             .await
             .unwrap(),
     );
-    let post = |prompt: &'static str| {
-        client
-            .post(format!("{base}/v1/sessions/{sid}/turns"))
-            .bearer_auth(&key)
-            .json(&json!({ "prompt": prompt }))
-            .send()
-    };
-    let slow: Value = post("[[slow]] a long story")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let queued: Value = post("after the drain").await.unwrap().json().await.unwrap();
+    let slow: Value = post_turn(&client, &base, &key, &sid, "[[slow]] a long story").await;
+    let queued: Value = post_turn(&client, &base, &key, &sid, "after the drain").await;
     let mut seen = sse
         .until(Duration::from_secs(30), |e| e.event == "text.delta")
         .await;
     // The second worker joins; then the first is drained through the admin API.
-    let second = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
-    let second_id = second.ready.trim_end_matches(" started").to_owned();
+    let (second, second_id) = worker(dir.path(), data, &env).await;
     let listed: Value = client
         .get(format!("{base}/v1/admin/workers"))
         .bearer_auth(&key)

@@ -135,6 +135,59 @@ impl Drop for Running {
     }
 }
 
+/// `hotplex serve` on a random port of 127.0.0.1; its URL is in `ready`.
+pub(crate) async fn serve(dir: &Path, data: &str, env: &[(&str, &str)]) -> Running {
+    Running::spawn(
+        dir,
+        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
+        env,
+        "hotplex listening on ",
+    )
+    .await
+}
+
+/// `hotplex worker`, and its id.
+pub(crate) async fn worker(dir: &Path, data: &str, env: &[(&str, &str)]) -> (Running, String) {
+    let w = Running::spawn(dir, &["worker", "--data-dir", data], env, "hotplex worker ").await;
+    let id = w.ready.trim_end_matches(" started").to_owned();
+    (w, id)
+}
+
+/// A default session created through the API at `base`; its id.
+pub(crate) async fn new_session(client: &reqwest::Client, base: &str, key: &str) -> String {
+    let session: Value = client
+        .post(format!("{base}/v1/sessions"))
+        .bearer_auth(key)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    session["id"].as_str().unwrap().to_owned()
+}
+
+/// Posts a prompt to a session (202, queued); the turn.
+pub(crate) async fn post_turn(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    sid: &str,
+    prompt: &str,
+) -> Value {
+    client
+        .post(format!("{base}/v1/sessions/{sid}/turns"))
+        .bearer_auth(key)
+        .json(&json!({ "prompt": prompt }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// A `claude` that is the fake agent (`hotplex fake-agent`), in `dir`.
 pub(crate) fn fake_agent_script(dir: &Path) -> std::path::PathBuf {
     let fake = dir.join("fake-claude");
@@ -431,49 +484,14 @@ async fn serve_and_worker_processes_share_the_work_and_a_stopped_worker_hands_it
         ),
         ("HOTPLEX_WORKER__DRAIN_TIMEOUT", "1s"),
     ];
-    let serve = Running::spawn(
-        dir.path(),
-        &["serve", "--listen", "127.0.0.1:0", "--data-dir", data],
-        &env,
-        "hotplex listening on ",
-    )
-    .await;
-    let worker_args = ["worker", "--data-dir", data];
-    let first = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
-    let first_id = first.ready.trim_end_matches(" started").to_owned();
+    let serve = serve(dir.path(), data, &env).await;
+    let (first, first_id) = worker(dir.path(), data, &env).await;
     let base = serve.ready.clone();
     let client = reqwest::Client::new();
 
-    let session: Value = client
-        .post(format!("{base}/v1/sessions"))
-        .bearer_auth(&key)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let sid = session["id"].as_str().unwrap().to_owned();
-    let post = |prompt: &'static str| {
-        client
-            .post(format!("{base}/v1/sessions/{sid}/turns"))
-            .bearer_auth(&key)
-            .json(&json!({"prompt": prompt}))
-            .send()
-    };
-    let slow: Value = post("[[slow]] a long story")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let queued: Value = post("after the restart")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sid = new_session(&client, &base, &key).await;
+    let slow: Value = post_turn(&client, &base, &key, &sid, "[[slow]] a long story").await;
+    let queued: Value = post_turn(&client, &base, &key, &sid, "after the restart").await;
 
     // Stop the worker in the middle of the slow turn.
     let mut pid = None;
@@ -528,8 +546,7 @@ async fn serve_and_worker_processes_share_the_work_and_a_stopped_worker_hands_it
     assert_eq!(waiting["status"], "queued", "{waiting}");
 
     // The queued turn was handed back and runs on the next worker.
-    let second = Running::spawn(dir.path(), &worker_args, &env, "hotplex worker ").await;
-    let second_id = second.ready.trim_end_matches(" started").to_owned();
+    let (second, second_id) = worker(dir.path(), data, &env).await;
     assert_ne!(first_id, second_id);
     let done = ended_turn(
         &client,
