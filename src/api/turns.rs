@@ -116,7 +116,8 @@ pub struct CreateTurnQuery {
     /// turn as it stands (202).
     #[serde(default)]
     pub wait: bool,
-    /// Seconds to wait with `wait=true` (default 60, at most 600).
+    /// Seconds to wait with `wait=true` (default 60, at most 600, and always less than the
+    /// server's `http.request_timeout`).
     pub timeout: Option<u64>,
 }
 
@@ -156,11 +157,20 @@ pub async fn create_turn(
         }
         None => None,
     };
+    // The wait ends before `http.request_timeout` would cut the request (a 503): a turn
+    // still running then is answered 202, as documented.
     let wait = query
         .timeout
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(60))
-        .min(MAX_WAIT);
+        .min(MAX_WAIT)
+        .min(
+            state
+                .settings
+                .http
+                .request_timeout
+                .saturating_sub(Duration::from_millis(500)),
+        );
     let hash: [u8; 32] = Sha256::digest(req.prompt.as_bytes()).into();
 
     let new = NewTurn {

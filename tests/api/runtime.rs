@@ -322,3 +322,26 @@ async fn an_agent_that_dies_mid_turn_fails_the_turn_and_the_next_one_gets_a_new_
         "[[fail]] keeps the process"
     );
 }
+
+#[tokio::test]
+async fn a_wait_longer_than_the_request_timeout_answers_202_not_503() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.http.request_timeout = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    let started = std::time::Instant::now();
+    let response = app
+        .post(
+            &format!("/v1/sessions/{sid}/turns?wait=true&timeout=600"),
+            &app.admin_key,
+        )
+        .json(&json!({"prompt": "[[slow]] longer than the request may take"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let turn: Value = response.json().await.unwrap();
+    assert_eq!(turn["status"], "running", "{turn}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+}
