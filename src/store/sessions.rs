@@ -438,24 +438,9 @@ pub async fn append_agent_state(
     offset: i64,
     content: &[u8],
 ) -> Result<bool> {
-    let insert = "insert into agent_state_chunks (session_id, cli_session_id, byte_offset, content)
-         select $1, $4, $5, $6
-          where exists (select 1 from session_leases l
-                         where l.session_id = $1 and l.worker_id = $2 and l.generation = $3)
-         on conflict do nothing";
     if offset > 0 {
         // The common case, one statement: the turn's new bytes.
-        let n = sqlx::query(insert)
-            .bind(session)
-            .bind(fence.worker_id)
-            .bind(fence.generation)
-            .bind(cli_session_id)
-            .bind(offset)
-            .bind(content)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-        return Ok(n > 0);
+        return insert_chunk(&mut *conn, session, fence, cli_session_id, offset, content).await;
     }
     use sqlx::Connection as _;
     let mut tx = conn.begin().await?;
@@ -465,23 +450,41 @@ pub async fn append_agent_state(
         .bind(session)
         .execute(&mut *tx)
         .await?;
-    let n = sqlx::query(insert)
-        .bind(session)
-        .bind(fence.worker_id)
-        .bind(fence.generation)
-        .bind(cli_session_id)
-        .bind(offset)
-        .bind(content)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    if n == 0 {
+    if !insert_chunk(&mut *tx, session, fence, cli_session_id, offset, content).await? {
         // Fenced out: keep what was mirrored.
         tx.rollback().await?;
         return Ok(false);
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// Inserts one chunk under the owner's lease; `false` when the lease was lost.
+async fn insert_chunk(
+    db: impl PgExecutor<'_>,
+    session: SessionId,
+    fence: super::events::Fence,
+    cli_session_id: uuid::Uuid,
+    offset: i64,
+    content: &[u8],
+) -> Result<bool> {
+    let n = sqlx::query(
+        "insert into agent_state_chunks (session_id, cli_session_id, byte_offset, content)
+         select $1, $4, $5, $6
+          where exists (select 1 from session_leases l
+                         where l.session_id = $1 and l.worker_id = $2 and l.generation = $3)
+         on conflict do nothing",
+    )
+    .bind(session)
+    .bind(fence.worker_id)
+    .bind(fence.generation)
+    .bind(cli_session_id)
+    .bind(offset)
+    .bind(content)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n > 0)
 }
 
 /// The mirrored conversation `cli_session_id` of a session, if one is mirrored whole (its

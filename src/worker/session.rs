@@ -598,11 +598,20 @@ impl Actor {
         // turn); the lock keeps this session's mirrors in order.
         let mirrored = self.mirrored.clone();
         let mut mirrored = mirrored.lock().await;
-        let chunk = match &self.transcript {
-            Some((home, cli_id)) => new_transcript_bytes(home, *cli_id, *mirrored)
-                .await
-                .map(|(offset, bytes)| (*cli_id, offset, bytes)),
-            None => None,
+        let path = self
+            .transcript
+            .as_ref()
+            .and_then(|(home, cli_id)| transcript::find_transcript(home, *cli_id));
+        let chunk = match (&self.transcript, &path) {
+            (Some((_, cli_id)), Some(path)) => match transcript_tail(path, *mirrored).await {
+                // Appended bytes only: a rewritten file (the tail starts over at 0) is
+                // mirrored whole beside the actor.
+                Ok((from, bytes)) if from == *mirrored && !bytes.is_empty() => {
+                    Some((*cli_id, from, bytes))
+                }
+                _ => None,
+            },
+            _ => None,
         };
         {
             let mut conn = self.pool.acquire().await?;
@@ -619,16 +628,16 @@ impl Actor {
         drop(mirrored);
         self.waiters.ended(turn.turn_id);
         // Bytes the CLI writes after its result (and a rewritten file) follow separately.
-        self.mirror_transcript().await;
+        self.mirror_transcript(path);
         Ok(())
     }
 
-    /// Copies what the turn added to the conversation's transcript to the database, so that
-    /// another worker (with another HOME, on another host) can resume it. The CLI appends to
-    /// its transcript, so this is the turn's own bytes; a file that shrank was rewritten and
-    /// is mirrored whole again. A failure costs only that: the next owner elsewhere would
-    /// start afresh (`session.context_lost`).
-    async fn mirror_transcript(&mut self) {
+    /// Copies what the conversation's transcript gained since the last mirror to the
+    /// database, beside the actor, so that another worker (with another HOME, on another
+    /// host) can resume it. The CLI appends to its transcript; a file that shrank was
+    /// rewritten and is mirrored whole again. A failure costs only that: the next owner
+    /// elsewhere would start afresh (`session.context_lost`).
+    fn mirror_transcript(&self, path: Option<PathBuf>) {
         let Some((home, cli_id)) = self.transcript.clone() else {
             return;
         };
@@ -636,21 +645,11 @@ impl Actor {
         let mirrored = self.mirrored.clone();
         self.tracker.spawn(async move {
             let mut mirrored = mirrored.lock().await;
-            let Some(path) = transcript::find_transcript(&home, cli_id) else {
+            let Some(path) = path.or_else(|| transcript::find_transcript(&home, cli_id)) else {
                 return;
             };
-            let read = async {
-                use tokio::io::{AsyncReadExt, AsyncSeekExt};
-                let mut file = tokio::fs::File::open(&path).await?;
-                let len = file.metadata().await?.len();
-                let from = if len < *mirrored { 0 } else { *mirrored };
-                file.seek(std::io::SeekFrom::Start(from)).await?;
-                let mut bytes = Vec::with_capacity((len - from) as usize);
-                file.read_to_end(&mut bytes).await?;
-                std::io::Result::Ok((from, bytes))
-            };
-            let (from, bytes) = match read.await {
-                Ok(r) => r,
+            let (from, bytes) = match transcript_tail(&path, *mirrored).await {
+                Ok(tail) => tail,
                 Err(e) => {
                     tracing::warn!(session.id = %session, error = %e, "reading the transcript to mirror failed");
                     return;
@@ -674,25 +673,17 @@ impl Actor {
     }
 }
 
-/// The bytes of the transcript after `mirrored`, with their offset; `None` when there are
-/// none, the file cannot be read, or it shrank (rewritten: [`Actor::mirror_transcript`]
-/// mirrors it whole).
-async fn new_transcript_bytes(
-    home: &std::path::Path,
-    cli_id: Uuid,
-    mirrored: u64,
-) -> Option<(u64, Vec<u8>)> {
+/// The transcript's bytes after `mirrored`, with their offset; from 0 (the whole file)
+/// when the file shrank, i.e. was rewritten.
+async fn transcript_tail(path: &std::path::Path, mirrored: u64) -> std::io::Result<(u64, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let path = transcript::find_transcript(home, cli_id)?;
-    let mut file = tokio::fs::File::open(&path).await.ok()?;
-    let len = file.metadata().await.ok()?.len();
-    if len <= mirrored || (mirrored == 0 && len == 0) {
-        return None;
-    }
-    file.seek(std::io::SeekFrom::Start(mirrored)).await.ok()?;
-    let mut bytes = Vec::with_capacity((len - mirrored) as usize);
-    file.read_to_end(&mut bytes).await.ok()?;
-    Some((mirrored, bytes))
+    let mut file = tokio::fs::File::open(path).await?;
+    let len = file.metadata().await?.len();
+    let from = if len < mirrored { 0 } else { mirrored };
+    file.seek(std::io::SeekFrom::Start(from)).await?;
+    let mut bytes = Vec::with_capacity((len - from) as usize);
+    file.read_to_end(&mut bytes).await?;
+    Ok((from, bytes))
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
