@@ -25,28 +25,39 @@ pub const OWNER_VAR: &str = "HOTPLEX_WORKER_ID";
 /// SIGKILLs every process on this host whose environment says `OWNER_VAR=owner`, with the
 /// process groups they lead; returns how many there were.
 pub fn kill_owned_by(owner: &str) -> usize {
-    let needle = format!("{OWNER_VAR}={owner}");
-    let me = std::process::id();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
     let mut killed = 0;
-    for pid in dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
-    {
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
-            let pid = Pid::from_raw(pid as i32);
+    for (pid, value) in carrying(OWNER_VAR) {
+        if value == owner {
             let _ = killpg(pid, Signal::SIGKILL);
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             killed += 1;
         }
     }
     killed
+}
+
+/// Every process (but this one) whose environment sets `var`, with the value. Processes
+/// we may not read (other users') cannot carry a variable of ours and are skipped.
+fn carrying(var: &str) -> Vec<(Pid, String)> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let prefix = format!("{var}=");
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let value = env
+                .split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))?;
+            Some((
+                Pid::from_raw(pid as i32),
+                String::from_utf8_lossy(value).into_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// A running child that owns its process group.
@@ -163,28 +174,9 @@ fn tagged(tag: &str, scanned_after: std::time::Instant) -> Vec<Pid> {
 
 /// Every process (but this one) that carries a tag, by tag value.
 fn scan_tags() -> Tags {
-    let me = std::process::id();
     let mut tags = Tags::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return tags;
-    };
-    let prefix = format!("{TAG_VAR}=");
-    for pid in dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| *pid != me)
-    {
-        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if let Some(value) = env
-            .split(|b| *b == 0)
-            .find_map(|kv| kv.strip_prefix(prefix.as_bytes()))
-        {
-            tags.entry(String::from_utf8_lossy(value).into_owned())
-                .or_default()
-                .push(Pid::from_raw(pid as i32));
-        }
+    for (pid, value) in carrying(TAG_VAR) {
+        tags.entry(value).or_default().push(pid);
     }
     tags
 }
