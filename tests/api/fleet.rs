@@ -18,11 +18,10 @@ use crate::support::{TestDb, create_key};
 
 #[tokio::test]
 async fn a_worker_killed_mid_turn_loses_that_turn_and_the_session_goes_on_elsewhere_with_context() {
-    let claude = match std::env::var("HOTPLEX_TEST_CLAUDE") {
-        Ok(b) if std::path::Path::new(&b).exists() => b,
-        _ if std::env::var_os("CI").is_some() => panic!("CI needs HOTPLEX_TEST_CLAUDE"),
-        _ => return eprintln!("skipping: set HOTPLEX_TEST_CLAUDE"),
+    let Some(claude) = crate::support::real_cli("HOTPLEX_TEST_CLAUDE") else {
+        return;
     };
+    let claude = claude.to_string_lossy().into_owned();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let options = hotplex::mock_llm::anthropic::MockOptions {
         delay: Duration::from_millis(200),

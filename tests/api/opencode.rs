@@ -644,12 +644,6 @@ fn node_modules() -> Option<PathBuf> {
         .then_some(dir)
 }
 
-fn opencode_bin() -> Option<PathBuf> {
-    std::env::var_os("HOTPLEX_TEST_OPENCODE")
-        .map(PathBuf::from)
-        .filter(|p| p.exists())
-}
-
 /// The SDK check script in a temp dir that resolves `@opencode-ai/sdk` from `modules`.
 fn sdk_script(modules: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -693,13 +687,14 @@ async fn run_sdk_check(url: &str, key: &str, expect: &str, extra: &[(&str, &str)
 
 /// Whether the real-client tests can run here; in CI a missing piece fails instead.
 fn real_clients() -> Option<(PathBuf, PathBuf)> {
-    match (opencode_bin(), node_modules()) {
-        (Some(bin), Some(modules)) => Some((bin, modules)),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("CI needs HOTPLEX_TEST_OPENCODE and @opencode-ai/sdk (installed by .ci/run)")
+    let bin = crate::support::real_cli("HOTPLEX_TEST_OPENCODE")?;
+    match node_modules() {
+        Some(modules) => Some((bin, modules)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI needs @opencode-ai/sdk beside the OpenCode CLI (installed by .ci/run)")
         }
-        _ => {
-            eprintln!("skipping: set HOTPLEX_TEST_OPENCODE (with @opencode-ai/sdk beside it)");
+        None => {
+            eprintln!("skipping: install @opencode-ai/sdk beside the OpenCode CLI");
             None
         }
     }

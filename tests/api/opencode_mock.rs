@@ -14,16 +14,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The OpenCode CLI under test; `None` (skip) outside CI when it is not installed.
 fn opencode_bin() -> Option<PathBuf> {
-    match std::env::var("HOTPLEX_TEST_OPENCODE") {
-        Ok(b) if Path::new(&b).exists() => Some(PathBuf::from(b)),
-        _ if std::env::var_os("CI").is_some() => {
-            panic!("HOTPLEX_TEST_OPENCODE must name the OpenCode CLI in CI")
-        }
-        _ => {
-            eprintln!("skipping: set HOTPLEX_TEST_OPENCODE to the OpenCode CLI to run this test");
-            None
-        }
-    }
+    crate::support::real_cli("HOTPLEX_TEST_OPENCODE")
 }
 
 async fn mock() -> MockServer {

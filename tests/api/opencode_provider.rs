@@ -99,18 +99,7 @@ async fn start_long_turn(app: &TestApp, sid: &str) -> String {
 
 /// Waits until the turn has ended (at most 120 s); the turn.
 async fn ended(app: &TestApp, turn_id: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let t = app.get_json(&format!("/v1/turns/{turn_id}")).await;
-        if t["status"] != "running" && t["status"] != "queued" {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the turn did not end: {t}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.ended_turn(turn_id, Duration::from_secs(120)).await
 }
 
 /// The session's last turn resumed the OpenCode session: no context was lost, and the
@@ -337,7 +326,9 @@ async fn opencode_run_attaches_to_hotplex_running_the_opencode_provider() {
     let Some(app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
         return;
     };
-    let bin = std::path::PathBuf::from(std::env::var("HOTPLEX_TEST_OPENCODE").unwrap());
+    let Some(bin) = crate::support::real_cli("HOTPLEX_TEST_OPENCODE") else {
+        return;
+    };
     let args = [
         "--model",
         "opencode/mock/mock-model",

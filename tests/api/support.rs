@@ -181,6 +181,20 @@ impl Drop for TestDb {
 }
 
 /// Settings for tests: a temp data dir, everything else default.
+/// The real agent CLI named by the environment variable `var` (`.ci/run` installs and sets
+/// them). `None` (the test skips) outside CI when it is missing; in CI (`CI` set) a missing
+/// CLI fails the test.
+pub fn real_cli(var: &str) -> Option<PathBuf> {
+    match std::env::var(var) {
+        Ok(b) if std::path::Path::new(&b).exists() => Some(PathBuf::from(b)),
+        _ if std::env::var_os("CI").is_some() => panic!("{var} must name the agent CLI in CI"),
+        _ => {
+            eprintln!("skipping: set {var} to the agent CLI to run this test");
+            None
+        }
+    }
+}
+
 pub fn test_settings(data_dir: &std::path::Path) -> Settings {
     Settings {
         data_dir: data_dir.to_path_buf(),
@@ -232,18 +246,7 @@ impl TestApp {
     /// installed by `.ci/run`) talking to `mock_url`. `None` when no CLI is available outside
     /// CI; in CI (`CI` set) a missing CLI fails the test.
     pub async fn spawn_with_real_claude(mock_url: &str) -> Option<Self> {
-        let bin = match std::env::var("HOTPLEX_TEST_CLAUDE") {
-            Ok(b) if std::path::Path::new(&b).exists() => PathBuf::from(b),
-            _ if std::env::var_os("CI").is_some() => {
-                panic!("HOTPLEX_TEST_CLAUDE must name the Claude Code CLI in CI")
-            }
-            _ => {
-                eprintln!(
-                    "skipping: set HOTPLEX_TEST_CLAUDE to the Claude Code CLI to run this test"
-                );
-                return None;
-            }
-        };
+        let bin = real_cli("HOTPLEX_TEST_CLAUDE")?;
         let mock = mock_url.to_owned();
         let mut app = Self::spawn_with(
             move |s| {
@@ -270,18 +273,7 @@ impl TestApp {
     /// (`HOTPLEX_TEST_OPENCODE`) configured for the mock chat-completions API at `mock_url`,
     /// fully offline. `None` when no CLI is available outside CI; in CI it fails the test.
     pub async fn spawn_with_real_opencode(mock_url: &str) -> Option<Self> {
-        let bin = match std::env::var("HOTPLEX_TEST_OPENCODE") {
-            Ok(b) if std::path::Path::new(&b).exists() => PathBuf::from(b),
-            _ if std::env::var_os("CI").is_some() => {
-                panic!("HOTPLEX_TEST_OPENCODE must name the OpenCode CLI in CI")
-            }
-            _ => {
-                eprintln!(
-                    "skipping: set HOTPLEX_TEST_OPENCODE to the OpenCode CLI to run this test"
-                );
-                return None;
-            }
-        };
+        let bin = real_cli("HOTPLEX_TEST_OPENCODE")?;
         let config = serde_json::json!({
             "provider": {"mock": {"npm": "@ai-sdk/openai-compatible", "name": "Mock",
                 "options": {"baseURL": format!("{mock_url}/v1"), "apiKey": "x"},
@@ -413,6 +405,26 @@ impl TestApp {
             .json()
             .await
             .expect("JSON body")
+    }
+
+    /// Polls a turn until it has ended (at most `within`); the turn.
+    pub async fn ended_turn(
+        &self,
+        turn_id: &str,
+        within: std::time::Duration,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let t = self.get_json(&format!("/v1/turns/{turn_id}")).await;
+            if !matches!(t["status"].as_str(), Some("queued" | "running")) {
+                return t;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the turn did not end within {within:?}: {t}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Creates a default session with `key`; returns its id.

@@ -342,16 +342,7 @@ async fn a_lost_workers_turns_are_retried_once_without_output_and_failed_with_it
     let worker = app.start_worker().await;
     let wait_end = |turn: String| {
         let app = &app;
-        async move {
-            for _ in 0..300 {
-                let t = app.get_json(&format!("/v1/turns/{turn}")).await;
-                if !matches!(t["status"].as_str(), Some("queued" | "running")) {
-                    return t;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            panic!("turn {turn} did not end");
-        }
+        async move { app.ended_turn(&turn, Duration::from_secs(15)).await }
     };
     let quiet_turn = wait_end(quiet.to_string()).await;
     assert_eq!(quiet_turn["status"], "completed", "{quiet_turn}");
