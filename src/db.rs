@@ -76,7 +76,14 @@ impl Database {
 
     /// Closes the pool, then stops the embedded cluster if this process owns it.
     pub async fn close(mut self) {
-        self.pool.close().await;
+        // `close` waits for every connection to come back; a task that still holds one (a
+        // queue consumer that never returned from its stop) must not keep the process alive.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database connections still in use after 5 s; closing anyway");
+        }
         if let Some(pg) = self.embedded.as_mut() {
             pg.stop().await;
         }

@@ -18,13 +18,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(hotplex::commands::run(cli)) {
+    let code = match runtime.block_on(hotplex::commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The commands wait (bounded) for their own tasks; whatever is left must not hold the
+    // exit (dropping a runtime waits for its blocking threads without a limit).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }
 
 /// Serves allocations of 8 KiB and more from their own mappings (glibc's default threshold
