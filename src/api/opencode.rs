@@ -155,7 +155,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Scope {
     type Rejection = OcError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, OcError> {
-        let from_query = query_param(&parts.uri, "directory");
+        let from_query = parts.uri.query().and_then(|q| {
+            form_urlencoded_pairs(q)
+                .find(|(k, _)| k == "directory")
+                .map(|(_, v)| v)
+        });
         let directory = match from_query {
             Some(d) => Some(d),
             None => match parts.headers.get("x-opencode-directory") {
@@ -185,12 +189,27 @@ impl<S: Send + Sync> FromRequestParts<S> for Scope {
     }
 }
 
-/// A query parameter of the request (OpenCode routes take loose, optional parameters), as
-/// axum's `Query` decodes it.
+/// `key=value` pairs of a query string, decoded (`+` is a space).
+fn form_urlencoded_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    q.split('&').filter(|p| !p.is_empty()).map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let dec = |s: &str| {
+            let s = s.replace('+', " ");
+            percent_encoding::percent_decode_str(&s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        (dec(k), dec(v))
+    })
+}
+
+/// A query parameter of the request (OpenCode routes take loose, optional parameters).
 fn query_param(uri: &axum::http::Uri, name: &str) -> Option<String> {
-    axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
-        .ok()
-        .and_then(|mut q| q.0.remove(name))
+    uri.query().and_then(|q| {
+        form_urlencoded_pairs(q)
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    })
 }
 
 #[cfg(test)]
