@@ -38,6 +38,26 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+impl Error {
+    /// The database could not be reached or went away (restarting, shutting down, cut
+    /// off, out of connections): the same call may succeed shortly. Callers answer 503 or
+    /// retry; anything else is a real failure.
+    pub fn is_unavailable(&self) -> bool {
+        let Error::Database(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // 08: connection exceptions; 57P01-03: shutting down, crashed, starting
+                // up; 53300: too many connections.
+                code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+            }),
+            _ => false,
+        }
+    }
+}
+
 /// Opens a pool. Statement logging stays off: statements may carry prompts.
 pub async fn connect(options: PgConnectOptions, settings: &DatabaseSettings) -> Result<PgPool> {
     let options = options

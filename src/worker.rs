@@ -2,6 +2,7 @@
 //! warm (one actor per session, see [`session`]), and consumes turn jobs from its own queue
 //! and the shared one (apalis-postgres; see `docs/apalis.md` for the settings and why).
 
+pub mod retry;
 pub mod session;
 pub mod writer;
 
@@ -130,37 +131,80 @@ impl Worker {
             (queue::worker_queue(id), own),
             (SHARED_QUEUE.to_owned(), shared),
         ] {
+            worker.tasks.spawn(worker.clone().consume(queue, name));
+        }
+        tracing::info!(worker.id = %id, "worker started");
+        Ok(worker)
+    }
+
+    /// Consumes one queue until the worker stops. apalis ends a consumer whose database
+    /// connection broke (a PostgreSQL restart): it is started again, with backoff, and the
+    /// jobs the dead one had fetched go back to the queue (a job fetched twice only wakes
+    /// the session's actor, which runs each turn once).
+    async fn consume(self: Arc<Self>, queue: String, name: String) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
             let config = Config::default()
                 .queue(queue.as_str())
                 .batch_size(BATCH)
                 .lock_tasks(false);
             // LISTEN wake-ups plus a 1 s poll for the rare one apalis loses. Shorter polls and
             // repeated wake-ups were measured and lose more (docs/apalis.md).
-            let backend = PostgresStorage::<TurnJob>::new(&pool)
+            let backend = PostgresStorage::<TurnJob>::new(&self.pool)
                 .with_config(config)
                 .poll_with_strategy(
                     Strategy::new()
-                        .stream(Pubsub::new(pool.clone(), queue.clone()))
+                        .stream(Pubsub::new(self.pool.clone(), queue.clone()))
                         .interval(POLL),
                 );
             let apalis_worker = WorkerBuilder::new(name.as_str())
                 .backend(backend)
                 .concurrency(4 * BATCH)
-                .data(worker.clone())
+                .data(self.clone())
                 .build(handle_job);
-            let token = worker.token.clone();
-            worker.tasks.spawn(async move {
-                let stop = async move {
-                    token.cancelled().await;
-                    Ok::<(), WorkerError>(())
-                };
-                if let Err(e) = apalis_worker.run_until(stop).await {
+            let token = self.token.clone();
+            let stop = async move {
+                token.cancelled().await;
+                Ok::<(), WorkerError>(())
+            };
+            let started = tokio::time::Instant::now();
+            let result = apalis_worker.run_until(stop).await;
+            if self.token.is_cancelled() {
+                if let Err(e) = result {
                     tracing::error!(error = %e, "job consumer stopped");
                 }
-            });
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_millis(500);
+            }
+            match result {
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, retry_in_ms = backoff.as_millis() as u64, "job consumer stopped; starting it again")
+                }
+                Ok(()) => {
+                    tracing::warn!(queue = %queue, retry_in_ms = backoff.as_millis() as u64, "job consumer ended; starting it again")
+                }
+            }
+            tokio::select! {
+                () = self.token.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            match retry::until_available(&self.token, "releasing a stopped consumer's jobs", |_| {
+                queue::release_consumer(&self.pool, &name)
+            })
+            .await
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(queue = %queue, jobs = n, "the stopped consumer's jobs are queued again")
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "releasing the stopped consumer's jobs failed")
+                }
+            }
         }
-        tracing::info!(worker.id = %id, "worker started");
-        Ok(worker)
     }
 
     async fn heartbeat(self: Arc<Self>) {
@@ -306,17 +350,13 @@ impl Worker {
         // A warm session's owner is woken by NOTIFY and often ran the turn before its job
         // arrives. Without an actor here, a finished turn needs no claim, no lease and no
         // agent: the job is simply done.
-        if !self.has_actor(job.session_id)
-            && !turns::is_unfinished(&self.pool, job.turn_id)
-                .await
-                .map_err(|e| e.to_string())?
-        {
+        if !self.has_actor(job.session_id) && !self.is_unfinished(job.turn_id).await? {
             return Ok(());
         }
         let sender = match self.actor_for(job.session_id).await? {
             Claim::Actor(tx) => tx,
             // Another live worker owns the session: hand it the job.
-            Claim::Elsewhere => return self.push_again(job, queue::Push::Again).await,
+            Claim::Elsewhere => return self.push_to_owner(job).await,
             // No room here now: any worker (this one included) tries again shortly.
             Claim::Full => return self.push_again(job, queue::Push::Later(FULL_RETRY)).await,
             // Draining: another worker takes it; the delay keeps this worker's own consumers
@@ -337,26 +377,54 @@ impl Worker {
         let _ = wait.await;
         // The actor stopped before this turn ran (the worker is stopping, or the lease was
         // lost): the job goes back to the queue rather than the turn being stranded.
-        if turns::is_unfinished(&self.pool, job.turn_id)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        if self.is_unfinished(job.turn_id).await? {
             return self.push_again(job, queue::Push::Again).await;
         }
         Ok(())
     }
 
+    /// Whether the turn has yet to end, waiting out a database outage.
+    async fn is_unfinished(&self, turn: crate::domain::TurnId) -> Result<bool, String> {
+        retry::until_available(&self.token, "reading a turn", |_| {
+            turns::is_unfinished(&self.pool, turn)
+        })
+        .await
+        .map_err(|e| e.to_string())
+    }
+
     /// Pushes the job to the session's owner (or the shared queue when it has none).
+    /// A job pushed twice (a commit whose answer was lost) only wakes the actor once more.
     async fn push_again(&self, job: TurnJob, push: queue::Push) -> Result<(), String> {
-        let mut tx = self.pool.begin().await.map_err(|e| e.to_string())?;
-        let owner = leases::owner(&mut *tx, job.session_id)
+        self.push(job, push, push).await
+    }
+
+    /// Hands a job to the session's owner, after a claim found the session held. When no
+    /// live owner shows (a lease kept through its grace after a database restart, or one
+    /// given up a moment ago) the job waits a little on the shared queue rather than
+    /// bouncing between workers.
+    async fn push_to_owner(&self, job: TurnJob) -> Result<(), String> {
+        self.push(job, queue::Push::Again, queue::Push::Later(FULL_RETRY))
             .await
-            .map_err(|e| e.to_string())?
-            .filter(|o| *o != self.id || !self.token.is_cancelled());
-        queue::push_turn(&mut tx, owner, job, push)
-            .await
-            .map_err(|e| e.to_string())?;
-        tx.commit().await.map_err(|e| e.to_string())
+    }
+
+    async fn push(
+        &self,
+        job: TurnJob,
+        to_owner: queue::Push,
+        to_shared: queue::Push,
+    ) -> Result<(), String> {
+        retry::until_available(&self.token, "pushing a job", |_| async move {
+            let mut tx = self.pool.begin().await?;
+            let owner = leases::owner(&mut *tx, job.session_id)
+                .await?
+                .filter(|o| *o != self.id || !self.token.is_cancelled());
+            let push = if owner.is_some() { to_owner } else { to_shared };
+            queue::push_turn(&mut tx, owner, job, push).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())
     }
 
     fn has_actor(&self, session: SessionId) -> bool {
@@ -422,11 +490,12 @@ impl Worker {
             let _ = tx.send(Command::Evict).await;
             tx.closed().await;
         }
-        let Some(fence) =
+        let claimed = retry::until_available(&self.token, "claiming a session", |_| {
             leases::claim(&self.pool, session, self.id, self.settings.worker.lease_ttl)
-                .await
-                .map_err(|e| e.to_string())?
-        else {
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let Some(fence) = claimed else {
             return Ok(Claim::Elsewhere);
         };
         let mut actors = self.actors.lock().unwrap_or_else(PoisonError::into_inner);

@@ -99,10 +99,10 @@ impl From<Invalid> for ApiError {
 
 impl From<crate::store::Error> for ApiError {
     fn from(e: crate::store::Error) -> Self {
-        if let crate::store::Error::Database(sqlx::Error::PoolTimedOut) = e {
+        if e.is_unavailable() {
             let mut err = Self::unavailable(
                 "database_unavailable",
-                "the database is busy; retry shortly",
+                "the database is unavailable or busy; retry shortly",
             );
             err.cause = Some(Arc::new(e.to_string()));
             return err;
@@ -120,6 +120,13 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status, axum::Json(body)).into_response();
+        // A 503 is a passing condition (the database restarts, a queue is full): tell
+        // clients when to come back.
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if let Some(cause) = self.cause {
             response.extensions_mut().insert(ErrorCause(cause));
         }

@@ -77,6 +77,35 @@ pub(super) fn columns(
     (turns, kinds, payloads)
 }
 
+/// Whether a batch whose first event is `first` was already appended after seq `after` (a
+/// retry after the connection broke may find its earlier try committed); its last seq if
+/// so. Only the turn's writer appends its events after the turn started, so the turn's
+/// highest seq is the batch's last.
+pub async fn landed(
+    db: impl PgExecutor<'_>,
+    session: SessionId,
+    after: i64,
+    first: &NewEvent,
+) -> Result<Option<i64>> {
+    let payload = serde_json::to_value(&first.body).unwrap_or(Value::Null);
+    let seq: Option<i64> = sqlx::query_scalar(
+        "select (select max(seq) from session_events
+                  where session_id = $1 and seq > $2 and turn_id is not distinct from $3)
+          where exists (select 1 from session_events
+                         where session_id = $1 and seq > $2 and turn_id is not distinct from $3
+                           and type = $4 and payload = $5)",
+    )
+    .bind(session)
+    .bind(after)
+    .bind(first.turn_id)
+    .bind(first.body.kind())
+    .bind(payload)
+    .fetch_optional(db)
+    .await?
+    .flatten();
+    Ok(seq)
+}
+
 /// The highest seq of a session (0 when it has none).
 pub async fn max_seq(db: impl PgExecutor<'_>, session: SessionId) -> Result<i64> {
     let seq: Option<i64> =

@@ -14,9 +14,14 @@ fn interval(ttl: Duration) -> f64 {
     ttl.as_secs_f64()
 }
 
-/// Claims the session for `worker` when it is free (no lease, expired, or held by a
+/// Claims the session for `worker` when it is free (released, expired, or held by a
 /// stopped worker) or already ours. Returns the fence to write under, or `None` when another
 /// live worker holds it.
+///
+/// Generations only grow: a claim of a released or expired lease bumps it, even by the same
+/// worker, so a fence never names two tenures. An expired lease is only free once the
+/// database has been up for a whole TTL: after a database restart every live worker was
+/// silent through no fault of its own and gets a TTL to renew before its sessions are taken.
 pub async fn claim(
     db: impl PgExecutor<'_>,
     session: SessionId,
@@ -28,16 +33,22 @@ pub async fn claim(
          values ($1, $2, 1, now() + make_interval(secs => $3))
          on conflict (session_id) do update
             set generation = case when session_leases.worker_id = excluded.worker_id
+                                       and session_leases.expires_at > now()
                                   then session_leases.generation else session_leases.generation + 1 end,
                 worker_id = excluded.worker_id,
                 acquired_at = case when session_leases.worker_id = excluded.worker_id
+                                        and session_leases.expires_at > now()
                                    then session_leases.acquired_at else now() end,
                 expires_at = excluded.expires_at,
-                pid = case when session_leases.worker_id = excluded.worker_id then session_leases.pid end,
+                pid = case when session_leases.worker_id = excluded.worker_id
+                                and session_leases.expires_at > now() then session_leases.pid end,
                 process_started_at = case when session_leases.worker_id = excluded.worker_id
+                                               and session_leases.expires_at > now()
                                           then session_leases.process_started_at end
           where session_leases.worker_id = excluded.worker_id
-             or session_leases.expires_at <= now()
+             or session_leases.expires_at = '-infinity'
+             or (session_leases.expires_at <= now()
+                 and pg_postmaster_start_time() <= now() - make_interval(secs => $3))
              or exists (select 1 from workers w
                          where w.worker_id = session_leases.worker_id and w.stopped_at is not null)
          returning generation",
@@ -74,10 +85,11 @@ pub async fn renew(
     Ok(n > 0)
 }
 
-/// Extends every lease of a worker at once (the heartbeat); returns how many it holds.
+/// Extends every lease a worker holds at once (the heartbeat); returns how many.
 pub async fn renew_all(db: impl PgExecutor<'_>, worker: WorkerId, ttl: Duration) -> Result<u64> {
     let n = sqlx::query(
-        "update session_leases set expires_at = now() + make_interval(secs => $2) where worker_id = $1",
+        "update session_leases set expires_at = now() + make_interval(secs => $2)
+          where worker_id = $1 and expires_at <> '-infinity'",
     )
     .bind(worker)
     .bind(interval(ttl))
@@ -87,10 +99,12 @@ pub async fn renew_all(db: impl PgExecutor<'_>, worker: WorkerId, ttl: Duration)
     Ok(n)
 }
 
-/// Gives the session up (clean stop, idle reaping, delete).
+/// Gives the session up (clean stop, idle reaping, delete): free to claim at once. The row
+/// stays, so the next claim continues its generations.
 pub async fn release(db: impl PgExecutor<'_>, session: SessionId, fence: Fence) -> Result<()> {
     sqlx::query(
-        "delete from session_leases where session_id = $1 and worker_id = $2 and generation = $3",
+        "update session_leases set expires_at = '-infinity', pid = null, process_started_at = null
+          where session_id = $1 and worker_id = $2 and generation = $3",
     )
     .bind(session)
     .bind(fence.worker_id)

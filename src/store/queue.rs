@@ -124,3 +124,18 @@ pub async fn hand_back(db: impl sqlx::PgExecutor<'_>, worker: WorkerId) -> Resul
     .rows_affected();
     Ok(moved)
 }
+
+/// Puts back on their queue the jobs an apalis consumer had fetched but not finished when
+/// it ended without its worker stopping (its connection broke); the consumer starting
+/// again under the same name fetches them anew. Returns how many.
+pub async fn release_consumer(db: impl sqlx::PgExecutor<'_>, name: &str) -> Result<u64> {
+    let n = sqlx::query(
+        "update apalis.jobs set status = 'Pending', lock_by = null, lock_at = null
+          where lock_by = $1 and status in ('Queued', 'Running')",
+    )
+    .bind(name)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n)
+}

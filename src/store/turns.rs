@@ -433,6 +433,32 @@ pub async fn start(
     last.ok_or(Error::Fenced)
 }
 
+/// Whether a [`start`] (`finished: false`) or [`finish`] (`true`) under `fence` already
+/// took effect: a retry after the connection broke may find its earlier try committed.
+/// Generations only grow, so a turn carrying this fence was written by this tenure. Returns
+/// the seq of the turn's last event when it did.
+pub async fn landed(
+    db: impl PgExecutor<'_>,
+    turn: TurnId,
+    fence: Fence,
+    finished: bool,
+) -> Result<Option<i64>> {
+    let seq: Option<Option<i64>> = sqlx::query_scalar(
+        "select (select max(e.seq) from session_events e
+                  where e.session_id = t.session_id and e.turn_id = t.turn_id)
+           from turns t
+          where t.turn_id = $1 and t.worker_id = $2 and t.lease_generation = $3
+            and t.status <> 'queued' and (t.status = 'running') = not $4",
+    )
+    .bind(turn)
+    .bind(fence.worker_id)
+    .bind(fence.generation)
+    .bind(finished)
+    .fetch_optional(db)
+    .await?;
+    Ok(seq.flatten())
+}
+
 /// New bytes of the agent's transcript, mirrored by [`finish`] in the same statement (see
 /// `sessions::append_agent_state` for the table).
 #[derive(Debug, Clone, Copy)]

@@ -114,7 +114,9 @@ pub async fn stopped(db: impl PgExecutor<'_>, id: WorkerId) -> Result<()> {
 
 /// Marks stopped every worker whose heartbeat is older than `silent_for` (it died without
 /// stopping: `kill -9`, a crashed host) and returns them. One statement: when several live
-/// workers sweep at once, each dead worker is returned to exactly one of them.
+/// workers sweep at once, each dead worker is returned to exactly one of them. Nobody is
+/// reaped until the database has been up for `silent_for`: a database restart silences
+/// every worker, and the live ones need a heartbeat's time to speak again.
 pub async fn reap_dead(
     db: impl PgExecutor<'_>,
     silent_for: std::time::Duration,
@@ -122,6 +124,7 @@ pub async fn reap_dead(
     let rows = sqlx::query_as(
         "update workers set stopped_at = now()
           where stopped_at is null and heartbeat_at < now() - make_interval(secs => $1)
+            and pg_postmaster_start_time() < now() - make_interval(secs => $1)
           returning worker_id, host",
     )
     .bind(silent_for.as_secs_f64())

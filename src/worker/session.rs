@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::retry;
 use super::writer::{DEFAULT_WINDOW, EventWriter};
 use crate::config::Settings;
 use crate::domain::{Provider, SessionId, WorkerId};
@@ -201,6 +202,16 @@ impl Actor {
         self.fence.worker_id
     }
 
+    /// A database call that waits out an outage (see [`retry`]); only a stopping worker
+    /// gives up on it.
+    async fn db<T, F, Fut>(&self, what: &str, mut op: F) -> store::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = store::Result<T>>,
+    {
+        retry::until_available(&self.token, what, |_| op()).await
+    }
+
     /// Runs until the session is deleted, idle for `idle_timeout`, the lease is lost, or the
     /// worker stops. Always stops its process and gives up the lease.
     pub async fn run(mut self) {
@@ -260,7 +271,10 @@ impl Actor {
         if self.process.is_some() {
             return Ok(false);
         }
-        let row = sessions::get_any(&self.pool, self.session)
+        let row = self
+            .db("reading the session", || {
+                sessions::get_any(&self.pool, self.session)
+            })
             .await
             .map_err(|e| e.to_string())?
             .ok_or("the session is gone")?;
@@ -294,13 +308,19 @@ impl Actor {
             return self.open_opencode(writer, &row, home, cwd, env).await;
         }
 
-        let known = sessions::cli_session_id(&self.pool, self.session)
+        let known = self
+            .db("reading the conversation id", || {
+                sessions::cli_session_id(&self.pool, self.session)
+            })
             .await
             .map_err(|e| e.to_string())?;
         // A conversation last run on another host (another HOME) comes back from its mirror.
         if let Some(id) = known
             && transcript::find_transcript(&home, id).is_none()
-            && let Some(content) = sessions::agent_state(&self.pool, self.session, id)
+            && let Some(content) = self
+                .db("reading the conversation's mirror", || {
+                    sessions::agent_state(&self.pool, self.session, id)
+                })
                 .await
                 .map_err(|e| e.to_string())?
         {
@@ -324,9 +344,11 @@ impl Actor {
             None => (Uuid::new_v4(), false),
         };
         if !resume {
-            sessions::set_cli_session_id(&self.pool, self.session, cli_id)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.db("recording the conversation id", || {
+                sessions::set_cli_session_id(&self.pool, self.session, cli_id)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         }
         env.extend(provider.env.clone());
         let options = &row.options.0;
@@ -351,7 +373,10 @@ impl Actor {
         let _ =
             leases::set_process(&self.pool, self.session, self.fence, Some(process.pid())).await;
         tracing::info!(session.id = %self.session, process.pid = process.pid(), resume, "agent process ready");
-        let mirrored = sessions::mirrored_len(&self.pool, self.session, cli_id)
+        let mirrored = self
+            .db("reading the mirror's length", || {
+                sessions::mirrored_len(&self.pool, self.session, cli_id)
+            })
             .await
             .map_err(|e| e.to_string())?;
         *self.mirrored.lock().await = mirrored.max(0) as u64;
@@ -395,7 +420,10 @@ impl Actor {
             .server(&spec)
             .await
             .map_err(|e| e.to_string())?;
-        let known = sessions::agent_ref(&self.pool, self.session)
+        let known = self
+            .db("reading the OpenCode session id", || {
+                sessions::agent_ref(&self.pool, self.session)
+            })
             .await
             .map_err(|e| e.to_string())?;
         let session_spec = SessionSpec {
@@ -415,9 +443,11 @@ impl Actor {
             });
         }
         if attached != Attached::Resumed {
-            sessions::set_agent_ref(&self.pool, self.session, session.id())
-                .await
-                .map_err(|e| e.to_string())?;
+            self.db("recording the OpenCode session id", || {
+                sessions::set_agent_ref(&self.pool, self.session, session.id())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         }
         let pid = session.pid();
         let _ = leases::set_process(&self.pool, self.session, self.fence, Some(pid)).await;
@@ -434,13 +464,18 @@ impl Actor {
             self.fence,
             turn.turn_id,
             DEFAULT_WINDOW,
-        );
+        )
+        .stop_on(self.token.clone());
         // A turn already running when this actor starts was left by a worker that was lost
         // (it died; its lease expired). The rule: a turn that produced no output yet runs
         // again, once; one that did (text, a tool call) fails, since running it again could
         // repeat what its tools already did.
         if turn.status == "running" {
-            let (had_output, starts) = turns::attempt_info(&self.pool, turn.turn_id).await?;
+            let (had_output, starts) = self
+                .db("reading a lost turn", || {
+                    turns::attempt_info(&self.pool, turn.turn_id)
+                })
+                .await?;
             if had_output || starts >= 2 {
                 let error = if had_output {
                     format!("{WORKER_LOST} after it had produced output")
@@ -473,10 +508,21 @@ impl Actor {
             pid,
             resumed,
         });
-        {
-            let mut conn = self.pool.acquire().await?;
-            turns::start(&mut conn, &turn, self.fence, &writer.take()).await?;
-        }
+        let started = writer.take();
+        let (pool, fence) = (&self.pool, self.fence);
+        let seq = retry::until_available(&self.token, "starting a turn", |retry| {
+            let (turn, started) = (&turn, &started);
+            async move {
+                // A try whose connection broke may have committed: never start twice.
+                if retry && let Some(seq) = turns::landed(pool, turn.turn_id, fence, false).await? {
+                    return Ok(seq);
+                }
+                let mut conn = pool.acquire().await?;
+                turns::start(&mut conn, turn, fence, started).await
+            }
+        })
+        .await?;
+        writer.started(seq);
         let sent = match self.process.as_mut() {
             Some(p) => p.send_prompt(&turn.prompt).await,
             None => Err(crate::provider::Error::Gone),
@@ -522,6 +568,8 @@ impl Actor {
                         Some(other) => {
                             if let Some(body) = to_body(other) && writer.push(body) {
                                 writer.flush().await?;
+                                // Time spent waiting on the database is not the agent's stall.
+                                stall_deadline = tokio::time::Instant::now() + w.stall_timeout;
                             }
                         }
                         None => {
@@ -532,7 +580,10 @@ impl Actor {
                         }
                     }
                 }
-                () = sleep_until_opt(due) => writer.flush().await?,
+                () = sleep_until_opt(due) => {
+                    writer.flush().await?;
+                    stall_deadline = tokio::time::Instant::now() + w.stall_timeout;
+                }
                 cmd = self.rx.recv() => match cmd {
                     Some(Command::Work { turn_id, done }) => self.waiters.wait_for(turn_id, done),
                     Some(Command::Wake) => {}
@@ -613,15 +664,29 @@ impl Actor {
             },
             _ => None,
         };
-        {
-            let mut conn = self.pool.acquire().await?;
-            let mirror = chunk.as_ref().map(|(cli, offset, bytes)| turns::Chunk {
-                cli_session_id: *cli,
-                offset: *offset as i64,
-                content: bytes,
-            });
-            turns::finish(&mut conn, turn, self.fence, &outcome, &evs, mirror).await?;
-        }
+        let mirror = chunk.as_ref().map(|(cli, offset, bytes)| turns::Chunk {
+            cli_session_id: *cli,
+            offset: *offset as i64,
+            content: bytes,
+        });
+        let (pool, fence) = (&self.pool, self.fence);
+        retry::until_available(&self.token, "finishing a turn", |retry| {
+            let (outcome, evs) = (&outcome, &evs);
+            async move {
+                // A try whose connection broke may have committed: never finish twice.
+                if retry
+                    && turns::landed(pool, turn.turn_id, fence, true)
+                        .await?
+                        .is_some()
+                {
+                    return Ok(());
+                }
+                let mut conn = pool.acquire().await?;
+                turns::finish(&mut conn, turn, fence, outcome, evs, mirror).await?;
+                Ok(())
+            }
+        })
+        .await?;
         if let Some((_, offset, bytes)) = &chunk {
             *mirrored = offset + bytes.len() as u64;
         }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::domain::{SessionId, TurnId};
 use crate::events::{EventBody, NewEvent};
@@ -28,6 +29,11 @@ pub struct EventWriter {
     held: Option<EventBody>,
     held_since: Option<Instant>,
     last_flush: Option<Instant>,
+    /// The seq of the last event written, once the turn has started: a write retried after
+    /// the connection broke checks what landed after it.
+    last_seq: Option<i64>,
+    /// Stops retrying writes through a database outage (the worker stops).
+    stop: CancellationToken,
     /// Answer text of the turn so far (for `turn.interrupted`).
     pub text: String,
 }
@@ -50,8 +56,22 @@ impl EventWriter {
             held: None,
             held_since: None,
             last_flush: None,
+            last_seq: None,
+            stop: CancellationToken::new(),
             text: String::new(),
         }
+    }
+
+    /// Gives up retrying writes through a database outage once `token` is cancelled
+    /// (by default it retries for as long as the outage lasts).
+    pub fn stop_on(mut self, token: CancellationToken) -> Self {
+        self.stop = token;
+        self
+    }
+
+    /// The turn started: its `turn.started` event has `seq`.
+    pub fn started(&mut self, seq: i64) {
+        self.last_seq = Some(seq);
     }
 
     /// Adds an event; returns `true` when it should be written now.
@@ -117,15 +137,35 @@ impl EventWriter {
         self.held_since.map(|t| t + self.window)
     }
 
-    /// Writes everything buffered in one statement. Fails with `Fenced` when the lease
-    /// was lost.
+    /// Writes everything buffered in one statement; through a database outage it waits and
+    /// retries (the agent's output waits in its pipe meanwhile). Fails with `Fenced` when
+    /// the lease was lost.
     pub async fn flush(&mut self) -> store::Result<()> {
         self.release_held();
-        if self.ready.is_empty() {
+        let Some(first) = self.ready.first() else {
             return Ok(());
-        }
-        let mut conn = self.pool.acquire().await?;
-        store::events::append(&mut conn, self.session, Some(self.fence), &self.ready).await?;
+        };
+        let (pool, session, fence, after, batch) = (
+            &self.pool,
+            self.session,
+            self.fence,
+            self.last_seq,
+            &self.ready,
+        );
+        let last =
+            super::retry::until_available(&self.stop, "writing turn events", |retry| async move {
+                // A try whose connection broke may have committed: never write a batch twice.
+                if retry
+                    && let Some(after) = after
+                    && let Some(seq) = store::events::landed(pool, session, after, first).await?
+                {
+                    return Ok(seq);
+                }
+                let mut conn = pool.acquire().await?;
+                store::events::append(&mut conn, session, Some(fence), batch).await
+            })
+            .await?;
+        self.last_seq = Some(last);
         self.ready.clear();
         self.last_flush = Some(Instant::now());
         Ok(())

@@ -11,6 +11,7 @@ mod opencode;
 mod opencode_mock;
 mod opencode_provider;
 mod processes;
+mod restarts;
 mod runtime;
 mod sessions;
 mod support;

@@ -385,3 +385,42 @@ async fn a_lost_workers_turns_are_retried_once_without_output_and_failed_with_it
     assert!(stopped, "the lost workers are marked stopped");
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_released_lease_is_free_at_once_and_its_generations_keep_growing() {
+    let app = TestApp::spawn().await;
+    let (session, a, _) = session_and_worker(&app).await;
+    let b = WorkerId::new_random();
+    store::workers::register(&app.db.pool, b, "other-host", 2, 4)
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(30);
+    let first = leases::claim(&app.db.pool, session, a, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    leases::release(&app.db.pool, session, first).await.unwrap();
+    assert_eq!(leases::owner(&app.db.pool, session).await.unwrap(), None);
+    // The heartbeat does not bring a released lease back.
+    leases::renew_all(&app.db.pool, a, ttl).await.unwrap();
+    assert_eq!(leases::owner(&app.db.pool, session).await.unwrap(), None);
+    // The same worker claiming again starts a new tenure: the old fence is dead.
+    let second = leases::claim(&app.db.pool, session, a, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(second.generation > first.generation);
+    assert!(
+        !leases::renew(&app.db.pool, session, first, ttl)
+            .await
+            .unwrap()
+    );
+    leases::release(&app.db.pool, session, second)
+        .await
+        .unwrap();
+    let third = leases::claim(&app.db.pool, session, b, ttl)
+        .await
+        .expect("another worker claims a released lease at once")
+        .unwrap();
+    assert!(third.generation > second.generation);
+}
