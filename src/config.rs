@@ -111,6 +111,10 @@ pub struct WorkerSettings {
     /// finish before it interrupts them.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// An agent process whose resident memory exceeds this many MiB after a turn is
+    /// recycled: stopped, and resumed (same conversation) by the next turn. 0: no limit.
+    /// Claude Code's process only: OpenCode's server is shared by the worker's sessions.
+    pub max_agent_rss_mb: u64,
 }
 
 impl Default for WorkerSettings {
@@ -123,6 +127,7 @@ impl Default for WorkerSettings {
             stall_timeout: Duration::from_secs(10 * 60),
             stop_grace: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(60),
+            max_agent_rss_mb: 2048,
         }
     }
 }

@@ -9,6 +9,7 @@
 //!   text `FAKE-TOOL-RESULT: <output>`.
 //! - `[[fail]]`: an API-error assistant frame and an error result; the process stays.
 //! - `[[exit]]`: exit with code 3 in the middle of the turn, without a result.
+//! - `[[grow:MB]]`: the process keeps MB more MiB resident (a leaking agent), then replies.
 //!
 //! Knobs (on top of the real CLI's flags): `--fake-reply-chars N` (40), `--fake-deltas N`
 //! (3), `--fake-delay-ms N` (0, before each delta), `--fake-input-tokens N`,
@@ -962,6 +963,9 @@ impl Turn {
         if let Some(cmd) = bash_marker(&prompt) {
             return self.bash(cmd).await;
         }
+        if let Some(mb) = grow_marker(&prompt) {
+            grow(mb);
+        }
         let slow = prompt.contains("[[slow]]");
         let chars = if slow {
             self.opts.reply_chars.max(40)
@@ -1476,6 +1480,22 @@ fn reply_text(turn: u64, prompt: &str, chars: usize) -> String {
     let len = text.chars().count();
     text.extend(std::iter::repeat_n('.', chars.saturating_sub(len)));
     text
+}
+
+/// The MiB of a `[[grow:MB]]` marker.
+fn grow_marker(prompt: &str) -> Option<usize> {
+    let start = prompt.find("[[grow:")? + "[[grow:".len();
+    let len = prompt[start..].find("]]")?;
+    prompt[start..start + len].parse().ok()
+}
+
+/// Keeps `mb` MiB resident for the rest of the process's life (written, so really resident).
+fn grow(mb: usize) {
+    static BALLAST: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    BALLAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(vec![1u8; mb << 20]);
 }
 
 /// The command of a `[[bash:CMD]]` marker.

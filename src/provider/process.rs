@@ -22,6 +22,20 @@ pub const TAG_VAR: &str = "HOTPLEX_PROCESS_TAG";
 /// worker on the same host finds them by it and ends them.
 pub const OWNER_VAR: &str = "HOTPLEX_WORKER_ID";
 
+/// Resident memory of a process, in bytes (`VmRSS`); `None` when it is gone.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
 /// SIGKILLs every process on this host whose environment says `OWNER_VAR=owner`, with the
 /// process groups they lead; returns how many there were.
 pub fn kill_owned_by(owner: &str) -> usize {
@@ -198,6 +212,13 @@ mod tests {
         nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
             && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .is_ok_and(|s| s.contains(") Z "))
+    }
+
+    #[test]
+    fn rss_of_this_process_is_read_and_of_a_missing_one_is_none() {
+        let rss = rss_bytes(std::process::id()).expect("our own status");
+        assert!(rss > 1024 * 1024, "{rss}");
+        assert_eq!(rss_bytes(u32::MAX), None);
     }
 
     #[tokio::test]

@@ -228,6 +228,7 @@ impl Actor {
                         tracing::warn!(session.id = %self.session, error = %e, "stopping the session actor");
                         break;
                     }
+                    self.recycle_if_bloated().await;
                     continue;
                 }
                 Ok(None) => {
@@ -256,6 +257,27 @@ impl Actor {
         self.stop_process().await;
         let _ = leases::release(&self.pool, self.session, self.fence).await;
         self.waiters.release_all();
+    }
+
+    /// Between turns: a Claude Code process above `worker.max_agent_rss_mb` is stopped; the
+    /// next turn starts a new one that resumes the conversation (a long-lived Node process
+    /// only grows). OpenCode's server is shared by the worker's sessions and is left alone.
+    async fn recycle_if_bloated(&mut self) {
+        let limit_mb = self.settings.worker.max_agent_rss_mb;
+        let Some(Agent::Claude(process)) = &self.process else {
+            return;
+        };
+        if limit_mb == 0 {
+            return;
+        }
+        let pid = process.pid();
+        let Some(rss) = crate::provider::process::rss_bytes(pid) else {
+            return;
+        };
+        if rss > limit_mb * 1024 * 1024 {
+            tracing::info!(session.id = %self.session, process.pid = pid, rss_mb = rss / (1024 * 1024), limit_mb, "the agent outgrew worker.max_agent_rss_mb: recycling it; the next turn resumes the conversation");
+            self.stop_process().await;
+        }
     }
 
     async fn stop_process(&mut self) {
@@ -542,6 +564,10 @@ impl Actor {
         }
 
         let w = &self.settings.worker;
+        // The turn engine renews its own lease while it works: a lost lease (another
+        // worker took the session over) stops the agent at once, not at its next write.
+        let renew_every = w.lease_ttl / 3;
+        let mut renew_at = tokio::time::Instant::now() + renew_every;
         let turn_deadline = tokio::time::Instant::now() + w.turn_timeout;
         let mut stall_deadline = tokio::time::Instant::now() + w.stall_timeout;
         let mut interrupting: Option<(&'static str, tokio::time::Instant)> = None;
@@ -578,6 +604,15 @@ impl Actor {
                             let error = interrupting.map(|(why, _)| why.to_owned()).filter(|w| w != "interrupt").unwrap_or(error);
                             return self.finish(&mut writer, &turn, Outcome::Failed { error, usage: None }).await;
                         }
+                    }
+                }
+                () = tokio::time::sleep_until(renew_at) => {
+                    renew_at = tokio::time::Instant::now() + renew_every;
+                    // An unavailable database is no news: the writes wait it out.
+                    if let Ok(false) = leases::renew(&self.pool, self.session, self.fence, w.lease_ttl).await {
+                        tracing::warn!(session.id = %self.session, "the session's lease was lost during the turn: stopping the agent");
+                        self.stop_process().await;
+                        return Err(store::Error::Fenced);
                     }
                 }
                 () = sleep_until_opt(due) => {

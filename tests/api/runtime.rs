@@ -345,3 +345,125 @@ async fn a_wait_longer_than_the_request_timeout_answers_202_not_503() {
     assert_eq!(turn["status"], "running", "{turn}");
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn an_agent_that_outgrows_its_memory_limit_is_recycled_after_its_turn_and_resumed() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.max_agent_rss_mb = 96;
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    // Under the limit: the process stays warm.
+    assert_eq!(run_turn(&app, &sid, "one").await["status"], "completed");
+    assert_eq!(run_turn(&app, &sid, "two").await["status"], "completed");
+    let started = started_events(&app, &sid).await;
+    let pid = started[0]["pid"].as_i64().unwrap();
+    assert_eq!(started[1]["pid"].as_i64(), Some(pid), "{started:?}");
+    // A turn that leaves the agent above it: the process is stopped after the turn...
+    let grown = run_turn(&app, &sid, "[[grow:160]] three").await;
+    assert_eq!(grown["status"], "completed", "{grown}");
+    let mut stopped = false;
+    for _ in 0..100 {
+        if !alive(pid) {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(stopped, "the bloated process was not recycled");
+    // ...and the next turn resumes the conversation in a new one.
+    let next = run_turn(&app, &sid, "four").await;
+    assert!(
+        next["result"]
+            .as_str()
+            .unwrap()
+            .contains("FAKE-ECHO(turn 4)"),
+        "{next}"
+    );
+    let started = started_events(&app, &sid).await;
+    assert_eq!(started[3]["resumed"], true, "{started:?}");
+    assert_ne!(started[3]["pid"].as_i64(), Some(pid));
+}
+
+#[tokio::test]
+async fn a_turn_whose_lease_is_taken_over_stops_its_agent_at_once_and_writes_nothing_more() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.lease_ttl = std::time::Duration::from_secs(3);
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    let turn: Value = app
+        .post(&format!("/v1/sessions/{sid}/turns"), &app.admin_key)
+        // A tool that runs for 5 s in silence: no write would notice the takeover before.
+        .json(&json!({"prompt": "[[bash:sleep 5]]"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut tool_running = false;
+    for _ in 0..400 {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from session_events where session_id = $1::uuid and type = 'tool.started'",
+        )
+        .bind(&sid)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            tool_running = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(tool_running, "the tool call did not start");
+    let pid = started_events(&app, &sid).await[0]["pid"].as_i64().unwrap();
+    // Another worker takes the session over (as after a partition): a new generation.
+    let other = hotplex::domain::WorkerId::new_random();
+    hotplex::store::workers::register(&app.db.pool, other, "elsewhere", 1, 4)
+        .await
+        .unwrap();
+    sqlx::query(
+        "update session_leases set worker_id = $2, generation = generation + 1,
+                expires_at = now() + interval '1 hour'
+          where session_id = $1::uuid",
+    )
+    .bind(&sid)
+    .bind(other)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    let taken_at: i64 =
+        sqlx::query_scalar("select last_event_seq from sessions where session_id = $1::uuid")
+            .bind(&sid)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    // The turn engine renews every lease_ttl / 3 = 1 s: well before the tool's end.
+    let mut stopped = false;
+    for _ in 0..50 {
+        if !alive(pid) {
+            stopped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(stopped, "the agent of a lost session kept running");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let after: i64 =
+        sqlx::query_scalar("select last_event_seq from sessions where session_id = $1::uuid")
+            .bind(&sid)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        after, taken_at,
+        "the fenced-out worker wrote after the takeover"
+    );
+    // The turn is left to the new owner (who fails or retries it, see the fleet tests).
+    let t: Value = app
+        .get_json(&format!("/v1/turns/{}", turn["id"].as_str().unwrap()))
+        .await;
+    assert_eq!(t["status"], "running", "{t}");
+}
