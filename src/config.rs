@@ -115,6 +115,10 @@ pub struct WorkerSettings {
     /// recycled: stopped, and resumed (same conversation) by the next turn. 0: no limit.
     /// Claude Code's process only: OpenCode's server is shared by the worker's sessions.
     pub max_agent_rss_mb: u64,
+    /// Claude Code processes kept started and initialized ahead of need, so that a new
+    /// session's first turn skips the CLI's cold start (sessions with default settings
+    /// only). Extra to `capacity`. 0: none.
+    pub warm_spares: u32,
 }
 
 impl Default for WorkerSettings {
@@ -128,6 +132,7 @@ impl Default for WorkerSettings {
             stop_grace: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(60),
             max_agent_rss_mb: 2048,
+            warm_spares: 0,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod retry;
 pub mod session;
+pub mod spares;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -43,6 +44,8 @@ pub struct Worker {
     stopped: CancellationToken,
     /// The worker's `opencode serve`, shared by its OpenCode sessions (started on use).
     opencode: Arc<crate::provider::opencode::OpenCodeHost>,
+    /// Claude Code processes started ahead of need (`worker.warm_spares`).
+    spares: Option<Arc<spares::Spares>>,
     draining: std::sync::atomic::AtomicBool,
 }
 
@@ -103,6 +106,7 @@ impl Worker {
         .await?;
         let tasks = TaskTracker::new();
         let token = shutdown.token.child_token();
+        let spare_count = settings.worker.warm_spares as usize;
         let opencode = Arc::new(crate::provider::opencode::OpenCodeHost::new(
             tasks.clone(),
             token.clone(),
@@ -116,8 +120,29 @@ impl Worker {
             token: token.clone(),
             stopped: CancellationToken::new(),
             opencode,
+            spares: (spare_count > 0).then(|| spares::Spares::new(spare_count)),
             draining: std::sync::atomic::AtomicBool::new(false),
         });
+        if let Some(pool_of_spares) = worker.spares.clone() {
+            let settings = worker.settings.clone();
+            let spec = move |cwd, conversation| {
+                session::claude_spec(
+                    &settings,
+                    id,
+                    (None, &store::sessions::SessionOptions::default()),
+                    cwd,
+                    conversation,
+                    false,
+                )
+            };
+            worker.tasks.spawn(pool_of_spares.keep(
+                worker.settings.work_root(),
+                spec,
+                worker.tasks.clone(),
+                worker.token.clone(),
+                worker.settings.worker.stop_grace,
+            ));
+        }
         shutdown.tracker.spawn(worker.clone().supervise());
         worker.tasks.spawn(worker.clone().heartbeat());
         worker.tasks.spawn(crate::events::listener::run(
@@ -513,6 +538,7 @@ impl Worker {
             tracker: self.tasks.clone(),
             token: self.token.clone(),
             opencode: self.opencode.clone(),
+            spares: self.spares.clone(),
         };
         let actor = Actor::new(session, fence, runtime, rx, activity.clone());
         self.tasks.spawn(actor.run());

@@ -175,6 +175,11 @@ impl ClaudeProcess {
         self.child.pid()
     }
 
+    /// Whether the CLI has exited (a spare that died while it waited).
+    pub fn has_exited(&mut self) -> bool {
+        self.child.try_exit().is_some()
+    }
+
     async fn write(&self, line: String) -> Result<(), Error> {
         self.stdin.send(line).await.map_err(|_| Error::Gone)
     }

@@ -253,6 +253,28 @@ pub async fn set_cli_session_id(
     Ok(())
 }
 
+/// A session that never ran takes over a warm spare's work dir (a name under the work root)
+/// and conversation, for good: every later process resumes there. `false` when the session
+/// has a work dir or a conversation already (a spare cannot serve it).
+pub async fn adopt_spare(
+    db: impl PgExecutor<'_>,
+    id: SessionId,
+    work_dir: &str,
+    cli: uuid::Uuid,
+) -> Result<bool> {
+    let n = sqlx::query(
+        "update sessions set work_dir = $2, cli_session_id = $3
+          where session_id = $1 and work_dir is null and cli_session_id is null",
+    )
+    .bind(id)
+    .bind(work_dir)
+    .bind(cli)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
 /// The agent's own id for the conversation (OpenCode's session id), if one was made.
 pub async fn agent_ref(db: impl PgExecutor<'_>, id: SessionId) -> Result<Option<String>> {
     let v: Option<Option<String>> =

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::retry;
+use super::spares::Spares;
 use super::writer::{DEFAULT_WINDOW, EventWriter};
 use crate::config::Settings;
 use crate::domain::{Provider, SessionId, WorkerId};
@@ -140,6 +141,8 @@ pub struct Runtime {
     pub token: CancellationToken,
     /// The worker's OpenCode server (shared by its OpenCode sessions).
     pub opencode: Arc<OpenCodeHost>,
+    /// The worker's warm spares, if it keeps any.
+    pub spares: Option<Arc<Spares>>,
 }
 
 pub struct Actor {
@@ -151,6 +154,7 @@ pub struct Actor {
     pub token: CancellationToken,
     pub rx: mpsc::Receiver<Command>,
     opencode: Arc<OpenCodeHost>,
+    spares: Option<Arc<Spares>>,
     process: Option<Agent>,
     waiters: Waiters,
     /// Where the Claude Code transcript of the warm process lives (`HOME`, conversation
@@ -178,6 +182,7 @@ impl Actor {
             tracker,
             token,
             opencode,
+            spares,
         } = runtime;
         Self {
             session,
@@ -188,6 +193,7 @@ impl Actor {
             token,
             rx,
             opencode,
+            spares,
             process: None,
             waiters: Waiters::default(),
             transcript: None,
@@ -301,41 +307,41 @@ impl Actor {
             .map_err(|e| e.to_string())?
             .ok_or("the session is gone")?;
         let provider_kind = row.provider().map_err(|e| e.to_string())?;
+        let settings = self.settings.clone();
         let provider = match provider_kind {
-            Provider::ClaudeCode => &self.settings.providers.claude_code,
-            Provider::OpenCode => &self.settings.providers.opencode,
+            Provider::ClaudeCode => &settings.providers.claude_code,
+            Provider::OpenCode => &settings.providers.opencode,
         };
         let home = self.settings.agent_home(provider);
+        std::fs::create_dir_all(&home).map_err(|e| format!("creating {}: {e}", home.display()))?;
+        let known = match provider_kind {
+            Provider::ClaudeCode => self
+                .db("reading the conversation id", || {
+                    sessions::cli_session_id(&self.pool, self.session)
+                })
+                .await
+                .map_err(|e| e.to_string())?,
+            Provider::OpenCode => None,
+        };
+        // A session that never ran, with default settings: a warm spare saves the cold start.
+        if provider_kind == Provider::ClaudeCode
+            && known.is_none()
+            && row.work_dir.is_none()
+            && self.take_spare(&row).await?
+        {
+            return Ok(false);
+        }
         let cwd = match &row.work_dir {
             Some(dir) if PathBuf::from(dir).is_absolute() => PathBuf::from(dir),
             Some(dir) => self.settings.work_root().join(dir),
             None => self.settings.work_root().join(self.session.to_string()),
         };
-        for dir in [&home, &cwd] {
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        }
-        // The child gets an allow-list, never our own environment (database URL, keys).
-        let mut env = BTreeMap::new();
-        if let Some(path) = std::env::var_os("PATH") {
-            env.insert("PATH".to_owned(), path.to_string_lossy().into_owned());
-        }
-        env.insert("HOME".to_owned(), home.display().to_string());
-        env.insert("LANG".to_owned(), "C.UTF-8".to_owned());
-        env.insert("TERM".to_owned(), "dumb".to_owned());
-        env.insert(
-            crate::provider::process::OWNER_VAR.to_owned(),
-            self.worker().to_string(),
-        );
+        std::fs::create_dir_all(&cwd).map_err(|e| format!("creating {}: {e}", cwd.display()))?;
         if provider_kind == Provider::OpenCode {
+            let env = agent_env(&self.settings, provider, self.worker());
             return self.open_opencode(writer, &row, home, cwd, env).await;
         }
 
-        let known = self
-            .db("reading the conversation id", || {
-                sessions::cli_session_id(&self.pool, self.session)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
         // A conversation last run on another host (another HOME) comes back from its mirror.
         if let Some(id) = known
             && transcript::find_transcript(&home, id).is_none()
@@ -372,26 +378,67 @@ impl Actor {
             .await
             .map_err(|e| e.to_string())?;
         }
-        env.extend(provider.env.clone());
-        let options = &row.options.0;
-        let spec = SpawnSpec {
-            binary: provider.binary.clone(),
-            extra_args: provider.args.clone(),
-            env,
+        let spec = claude_spec(
+            &self.settings,
+            self.worker(),
+            (row.model.as_deref(), &row.options.0),
             cwd,
-            cli_session_id: cli_id,
+            cli_id,
             resume,
-            model: row.model.clone(),
-            system_prompt: options.system_prompt.clone(),
-            permission_mode: serde_json::to_value(options.permission_mode)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned)),
-            allowed_tools: options.allowed_tools.clone(),
-            disallowed_tools: options.disallowed_tools.clone(),
-        };
+        );
         let process = ClaudeProcess::spawn(&spec, &self.tracker)
             .await
             .map_err(|e| e.to_string())?;
+        self.adopt(process, home, cli_id, resume).await?;
+        Ok(resume)
+    }
+
+    /// Takes a warm spare for a session that never ran, if one started with the session's
+    /// settings waits; `true` when the session now runs on it.
+    async fn take_spare(&mut self, row: &sessions::SessionRow) -> Result<bool, String> {
+        let Some(spares) = &self.spares else {
+            return Ok(false);
+        };
+        let wanted = claude_spec(
+            &self.settings,
+            self.worker(),
+            (row.model.as_deref(), &row.options.0),
+            PathBuf::new(),
+            Uuid::nil(),
+            false,
+        );
+        let Some(mut spare) = spares.take(&wanted) else {
+            return Ok(false);
+        };
+        let conversation = spare.spec.cli_session_id;
+        let dir_name = spare.work_dir_name();
+        let adopted = self
+            .db("adopting a warm spare", || {
+                sessions::adopt_spare(&self.pool, self.session, &dir_name, conversation)
+            })
+            .await;
+        if !matches!(adopted, Ok(true)) {
+            // The session changed meanwhile (or the database failed): start cold.
+            spare.process.stop(self.settings.worker.stop_grace).await;
+            let _ = std::fs::remove_dir_all(&spare.spec.cwd);
+            return Ok(false);
+        }
+        tracing::info!(session.id = %self.session, process.pid = spare.process.pid(), "took a warm spare");
+        let home = self
+            .settings
+            .agent_home(&self.settings.providers.claude_code);
+        self.adopt(spare.process, home, conversation, false).await?;
+        Ok(true)
+    }
+
+    /// Makes `process` the session's warm agent, mirroring its transcript from now on.
+    async fn adopt(
+        &mut self,
+        process: ClaudeProcess,
+        home: PathBuf,
+        cli_id: Uuid,
+        resume: bool,
+    ) -> Result<(), String> {
         let _ =
             leases::set_process(&self.pool, self.session, self.fence, Some(process.pid())).await;
         tracing::info!(session.id = %self.session, process.pid = process.pid(), resume, "agent process ready");
@@ -404,7 +451,7 @@ impl Actor {
         *self.mirrored.lock().await = mirrored.max(0) as u64;
         self.transcript = Some((home, cli_id));
         self.process = Some(Agent::Claude(Box::new(process)));
-        Ok(resume)
+        Ok(())
     }
 
     /// Attaches the session to the worker's OpenCode server (starting it if needed),
@@ -770,6 +817,60 @@ impl Actor {
                 }
             }
         });
+    }
+}
+
+/// The environment every agent process of this worker gets: an allow-list, never our own
+/// environment (database URL, keys), plus the provider's own variables.
+fn agent_env(
+    settings: &Settings,
+    provider: &crate::config::ProviderSettings,
+    worker: WorkerId,
+) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    if let Some(path) = std::env::var_os("PATH") {
+        env.insert("PATH".to_owned(), path.to_string_lossy().into_owned());
+    }
+    env.insert(
+        "HOME".to_owned(),
+        settings.agent_home(provider).display().to_string(),
+    );
+    env.insert("LANG".to_owned(), "C.UTF-8".to_owned());
+    env.insert("TERM".to_owned(), "dumb".to_owned());
+    env.insert(
+        crate::provider::process::OWNER_VAR.to_owned(),
+        worker.to_string(),
+    );
+    env
+}
+
+/// How a Claude Code process is started for a session's model and options (a warm spare:
+/// no model, default options).
+pub(super) fn claude_spec(
+    settings: &Settings,
+    worker: WorkerId,
+    (model, options): (Option<&str>, &sessions::SessionOptions),
+    cwd: PathBuf,
+    cli_session_id: Uuid,
+    resume: bool,
+) -> SpawnSpec {
+    let provider = &settings.providers.claude_code;
+    let mut env = agent_env(settings, provider, worker);
+    env.extend(provider.env.clone());
+    SpawnSpec {
+        binary: provider.binary.clone(),
+        extra_args: provider.args.clone(),
+        env,
+        cwd,
+        cli_session_id,
+        resume,
+        model: model.map(str::to_owned),
+        system_prompt: options.system_prompt.clone(),
+        permission_mode: serde_json::to_value(options.permission_mode)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned)),
+        allowed_tools: options.allowed_tools.clone(),
+        disallowed_tools: options.disallowed_tools.clone(),
     }
 }
 

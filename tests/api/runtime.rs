@@ -467,3 +467,100 @@ async fn a_turn_whose_lease_is_taken_over_stops_its_agent_at_once_and_writes_not
         .await;
     assert_eq!(t["status"], "running", "{t}");
 }
+
+/// Pids of the agents of this app's worker running now (their `HOME` is the app's agent
+/// home: other tests run their own agents at the same time).
+fn agent_pids(app: &TestApp) -> std::collections::HashSet<i64> {
+    let home = app.settings.agent_home(&app.settings.providers.claude_code);
+    let needle = format!("HOME={}", home.display());
+    let mut pids = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if environ.split(|b| *b == 0).any(|v| v == needle.as_bytes()) && alive(pid) {
+            pids.insert(pid);
+        }
+    }
+    pids
+}
+
+#[tokio::test]
+async fn a_new_session_takes_a_warm_spare_and_the_worker_starts_another() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.warm_spares = 1;
+    })
+    .await;
+    // The spare starts with the worker.
+    let mut before = std::collections::HashSet::new();
+    for _ in 0..200 {
+        before = agent_pids(&app);
+        if !before.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!before.is_empty(), "no spare was started");
+    let sid = app.new_session(&app.admin_key).await;
+    assert_eq!(run_turn(&app, &sid, "one").await["status"], "completed");
+    let started = started_events(&app, &sid).await;
+    let pid = started[0]["pid"].as_i64().unwrap();
+    assert!(
+        before.contains(&pid),
+        "the first turn started a cold process"
+    );
+    // The session adopted the spare's work dir and conversation for good.
+    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
+    let work_dir = session["work_dir"].as_str().expect("adopted work dir");
+    let conversation: String =
+        sqlx::query_scalar("select cli_session_id::text from sessions where session_id = $1::uuid")
+            .bind(&sid)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(work_dir, conversation);
+    assert!(app.settings.work_root().join(work_dir).is_dir());
+    let two = run_turn(&app, &sid, "two").await;
+    assert!(
+        two["result"]
+            .as_str()
+            .unwrap()
+            .contains("FAKE-ECHO(turn 2)"),
+        "{two}"
+    );
+    // Another spare takes its place.
+    let mut refilled = false;
+    for _ in 0..200 {
+        if agent_pids(&app).len() >= 2 {
+            refilled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(refilled, "no new spare was started");
+    // A session with settings of its own cannot use a spare: it starts cold, and the spare
+    // stays for the next default session.
+    let spares = agent_pids(&app);
+    let custom: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&json!({"system_prompt": "be brief"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let custom = custom["id"].as_str().unwrap().to_owned();
+    assert_eq!(run_turn(&app, &custom, "hi").await["status"], "completed");
+    let custom_pid = started_events(&app, &custom).await[0]["pid"]
+        .as_i64()
+        .unwrap();
+    assert!(!spares.contains(&custom_pid));
+    let next = app.new_session(&app.admin_key).await;
+    assert_eq!(run_turn(&app, &next, "hi").await["status"], "completed");
+    let next_pid = started_events(&app, &next).await[0]["pid"]
+        .as_i64()
+        .unwrap();
+    assert!(spares.contains(&next_pid), "the spare was not used");
+}

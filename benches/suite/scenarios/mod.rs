@@ -3,6 +3,7 @@
 mod overhead;
 mod queue;
 mod sessions;
+mod spares;
 mod stream;
 pub mod subscribers;
 mod warm;
@@ -11,10 +12,11 @@ use crate::Env;
 use crate::report::Scenario;
 
 /// Every scenario, in the order a full run takes them.
-pub const NAMES: [&str; 6] = [
+pub const NAMES: [&str; 7] = [
     "queue",
     "overhead",
     "warm-vs-cold",
+    "first-turn",
     "stream",
     "sessions",
     "subscribers",
@@ -33,6 +35,7 @@ pub async fn run(name: &str, env: &Env) -> anyhow::Result<Scenario> {
         "queue" => queue::run(env).await,
         "overhead" => overhead::run(env).await,
         "warm-vs-cold" => warm::run(env).await,
+        "first-turn" => spares::run(env).await,
         "stream" => stream::run(env).await,
         "sessions" => sessions::run(env).await,
         "subscribers" => subscribers::run(env).await,

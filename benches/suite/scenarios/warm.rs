@@ -12,7 +12,7 @@ use crate::report::{Row, Scenario, Series};
 use crate::stack::{Options, Stack};
 
 /// The environment both paths give the CLI: the mock, and nothing that calls home.
-fn cli_env(mock: &str) -> Vec<(String, String)> {
+pub(super) fn cli_env(mock: &str) -> Vec<(String, String)> {
     [
         ("ANTHROPIC_BASE_URL", mock),
         ("ANTHROPIC_API_KEY", "bench"),
@@ -27,7 +27,7 @@ fn cli_env(mock: &str) -> Vec<(String, String)> {
 
 /// The Claude Code CLI: `HOTPLEX_BENCH_CLAUDE`, `HOTPLEX_TEST_CLAUDE`, the copy `.ci/run`
 /// installs, or `claude` on PATH.
-fn find_claude() -> Option<PathBuf> {
+pub(super) fn find_claude() -> Option<PathBuf> {
     let home = std::env::var_os("HOME").map(PathBuf::from);
     let candidates = [
         std::env::var_os("HOTPLEX_BENCH_CLAUDE").map(PathBuf::from),
