@@ -337,6 +337,43 @@ async fn create_key(
     Ok(secret)
 }
 
+/// `up`'s worker, for as long as the process runs: a worker declared lost by the fleet (the
+/// process was paused, cut off from the database) stops itself, and a single-process
+/// deployment would be left without one; a new worker (a new id) takes its place. A worker
+/// drained on request stays stopped (the API goes on alone).
+async fn keep_worker(
+    mut worker: std::sync::Arc<crate::worker::Worker>,
+    pool: sqlx::PgPool,
+    settings: std::sync::Arc<Settings>,
+    shutdown: Shutdown,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.token.cancelled() => return,
+            () = worker.stopped() => {}
+        }
+        if shutdown.token.is_cancelled() || worker.is_draining() {
+            return;
+        }
+        tracing::warn!(worker.id = %worker.id, "the worker was declared lost; starting a new one");
+        let mut backoff = Duration::from_secs(1);
+        worker = loop {
+            match crate::worker::Worker::start(pool.clone(), settings.clone(), &shutdown).await {
+                Ok(w) => break w,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_s = backoff.as_secs(), "starting a new worker failed");
+                    tokio::select! {
+                        () = shutdown.token.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        };
+        tracing::info!(worker.id = %worker.id, "a new worker took the place of the lost one");
+    }
+}
+
 /// Binds, announces the address on stdout, serves until a signal, drains, returns.
 async fn run_http(
     db: &Database,
@@ -356,7 +393,14 @@ async fn run_http(
 
     let settings_arc = std::sync::Arc::new(settings.clone());
     if with_worker {
-        crate::worker::Worker::start(db.pool.clone(), settings_arc.clone(), &shutdown).await?;
+        let first =
+            crate::worker::Worker::start(db.pool.clone(), settings_arc.clone(), &shutdown).await?;
+        shutdown.tracker.spawn(keep_worker(
+            first,
+            db.pool.clone(),
+            settings_arc.clone(),
+            shutdown.clone(),
+        ));
     }
     let state = AppState::start(db.pool.clone(), settings_arc, auth, &shutdown);
     let router = api::router(state);

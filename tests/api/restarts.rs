@@ -511,3 +511,60 @@ async fn a_rolling_restart_of_every_worker_under_load_loses_nothing_and_runs_not
     assert!(w4.stop(Signal::SIGTERM).await.success());
     assert!(api.stop(Signal::SIGINT).await.success());
 }
+
+#[tokio::test]
+async fn up_replaces_its_worker_when_the_fleet_declares_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let key = create_key(&db.pool, "default", hotplex::domain::Role::Admin).await;
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let env = fleet_env(&db, dir.path());
+    let env = as_refs(&env);
+    let up = crate::processes::Running::spawn(
+        dir.path(),
+        &["up", "--listen", "127.0.0.1:0", "--data-dir", data],
+        &env,
+        "hotplex listening on ",
+    )
+    .await;
+    let b = up.ready.clone();
+    let client = reqwest::Client::new();
+    let sid = new_session(&client, &b, &key).await;
+    let one = try_post(&client, &b, &key, &sid, "one").await.unwrap();
+    assert_completed_once(&client, &db.pool, &b, &key, &[one], dir.path()).await;
+    let first = live_workers(&client, &b, &key).await;
+    assert_eq!(first.len(), 1);
+    // The fleet declares the worker lost (as another worker's sweep would after a pause).
+    sqlx::query("update workers set stopped_at = now() where worker_id = $1::uuid")
+        .bind(&first[0])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut replaced = Vec::new();
+    for _ in 0..200 {
+        replaced = live_workers(&client, &b, &key).await;
+        if replaced.len() == 1 && replaced != first {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        replaced.len() == 1 && replaced != first,
+        "no new worker: {replaced:?}{}",
+        logs_tail(dir.path())
+    );
+    // The single process keeps serving turns, on the new worker, with the conversation.
+    let two = try_post(&client, &b, &key, &sid, "two").await.unwrap();
+    assert_completed_once(&client, &db.pool, &b, &key, &[two.clone()], dir.path()).await;
+    let done = ended_turn(&client, &b, &key, two["id"].as_str().unwrap(), dir.path()).await;
+    assert_eq!(done["worker_id"], replaced[0].as_str());
+    assert!(
+        done["result"]
+            .as_str()
+            .unwrap()
+            .contains("FAKE-ECHO(turn 2)"),
+        "{done}"
+    );
+    assert!(up.stop(Signal::SIGINT).await.success());
+}
