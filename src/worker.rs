@@ -49,6 +49,16 @@ pub struct Worker {
     draining: std::sync::atomic::AtomicBool,
 }
 
+/// Whether a process runs with this pid (a zombie does not count). A reused pid reads as
+/// alive: the worker it belonged to is then left to the TTL sweep.
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the parenthesised command name, which may contain spaces.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
 /// This host's name, as workers record it (to find a lost worker's processes on its host).
 pub fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -144,6 +154,10 @@ impl Worker {
             ));
         }
         shutdown.tracker.spawn(worker.clone().supervise());
+        // Orphans of a previous incarnation (same host, process gone) go before any work.
+        if let Err(e) = worker.reap_lost_workers().await {
+            tracing::warn!(error = %e, "sweeping lost workers failed");
+        }
         worker.tasks.spawn(worker.clone().heartbeat());
         worker.tasks.spawn(crate::events::listener::run(
             pool.clone(),
@@ -258,15 +272,28 @@ impl Worker {
         }
     }
 
-    /// Settles workers that died without stopping (no heartbeat for a lease TTL):
-    /// their queued jobs go to the shared queue, each turn they were running gets a fresh
-    /// job (the session's next owner fails it or runs it again, see `session::Actor`), and
-    /// their agent processes on this host are killed.
+    /// Settles workers that died without stopping: those whose process is gone from this
+    /// host (at once: a worker restarted by its supervisor cleans up after its previous
+    /// incarnation as it starts), and any silent for a lease TTL. Their queued jobs go to
+    /// the shared queue, each turn they were running gets a fresh job (the session's next
+    /// owner fails it or runs it again, see `session::Actor`), and their agent processes
+    /// on this host are killed.
     async fn reap_lost_workers(&self) -> Result<(), store::Error> {
+        let host = hostname();
+        let gone: Vec<WorkerId> = store::workers::visible(&self.pool, self.id, &host)
+            .await?
+            .into_iter()
+            .filter(|(_, pid)| !process_alive(*pid))
+            .map(|(id, _)| id)
+            .collect();
+        let mut dead = if gone.is_empty() {
+            Vec::new()
+        } else {
+            store::workers::declare_dead(&self.pool, &gone).await?
+        };
         // Silent for a whole lease TTL: its leases have expired too.
         let silent = self.settings.worker.lease_ttl;
-        let dead = store::workers::reap_dead(&self.pool, silent).await?;
-        let host = hostname();
+        dead.extend(store::workers::reap_dead(&self.pool, silent).await?);
         for (worker, worker_host) in dead {
             let mut tx = self.pool.begin().await?;
             let moved = queue::hand_back(&mut *tx, worker).await?;

@@ -14,16 +14,65 @@ pub async fn register(
     capacity: u32,
 ) -> Result<()> {
     sqlx::query(
-        "insert into workers (worker_id, host, pid, version, capacity) values ($1, $2, $3, $4, $5)",
+        "insert into workers (worker_id, host, pid, version, capacity, pid_ns)
+         values ($1, $2, $3, $4, $5, $6)",
     )
     .bind(id)
     .bind(host)
     .bind(pid as i32)
     .bind(env!("CARGO_PKG_VERSION"))
     .bind(capacity as i32)
+    .bind(pid_namespace())
     .execute(db)
     .await?;
     Ok(())
+}
+
+/// This process's PID namespace (`pid:[4026531836]`), if readable.
+pub fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Live workers (other than `me`) whose processes this one can see: same host, same PID
+/// namespace. With their OS pids.
+pub async fn visible(
+    db: impl PgExecutor<'_>,
+    me: WorkerId,
+    host: &str,
+) -> Result<Vec<(WorkerId, i32)>> {
+    let Some(ns) = pid_namespace() else {
+        return Ok(Vec::new());
+    };
+    let rows = sqlx::query_as(
+        "select worker_id, pid from workers
+          where stopped_at is null and worker_id <> $1 and host = $2 and pid_ns = $3
+            and pid is not null",
+    )
+    .bind(me)
+    .bind(host)
+    .bind(ns)
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
+}
+
+/// Marks stopped the given workers that are not already, known dead (their process is
+/// gone); returns those it marked, with their hosts (see [`reap_dead`]).
+pub async fn declare_dead(
+    db: impl PgExecutor<'_>,
+    ids: &[WorkerId],
+) -> Result<Vec<(WorkerId, String)>> {
+    let rows = sqlx::query_as(
+        "update workers set stopped_at = now()
+          where worker_id = any($1) and stopped_at is null
+          returning worker_id, host",
+    )
+    .bind(ids)
+    .fetch_all(db)
+    .await?;
+    Ok(rows)
 }
 
 /// What a heartbeat learned about the worker itself.

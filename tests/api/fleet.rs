@@ -417,3 +417,112 @@ async fn a_thousand_create_and_delete_cycles_leave_no_process_and_no_zombie() {
             .unwrap();
     assert_eq!(started, cycles as i64);
 }
+
+#[tokio::test]
+async fn a_worker_restarted_after_a_crash_settles_its_previous_incarnation_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::new().await;
+    let key = create_key(&db.pool, "default", hotplex::domain::Role::Admin).await;
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let fake = crate::processes::fake_agent_script(dir.path());
+    // A lease TTL of a minute: the silence sweep would take that long; the crashed worker
+    // must be settled long before.
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("HOTPLEX_WORKER__LEASE_TTL", "60s"),
+        (
+            "HOTPLEX_PROVIDERS__CLAUDE_CODE__BINARY",
+            fake.to_str().unwrap(),
+        ),
+    ];
+    let serve = serve(dir.path(), data, &env).await;
+    let (first, first_id) = worker(dir.path(), data, &env).await;
+    let base = serve.ready.clone();
+    let client = reqwest::Client::new();
+    let sid = new_session(&client, &base, &key).await;
+    let slow = post_turn(&client, &base, &key, &sid, "[[slow]] a long story").await;
+    let queued = post_turn(&client, &base, &key, &sid, "after the crash").await;
+    let sid_uuid: uuid::Uuid = sid.parse().unwrap();
+    let count = |kind: &'static str| {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from session_events where session_id = $1 and type = $2",
+        )
+        .bind(sid_uuid)
+        .bind(kind)
+        .fetch_one(&db.pool)
+    };
+    for _ in 0..400 {
+        if count("text.delta").await.unwrap() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let agent: Option<Value> = sqlx::query_scalar(
+        "select payload from session_events where session_id = $1 and type = 'turn.started'",
+    )
+    .bind(sid_uuid)
+    .fetch_optional(&db.pool)
+    .await
+    .unwrap();
+    let agent = agent.expect("the slow turn started")["pid"]
+        .as_i64()
+        .unwrap() as i32;
+
+    // The worker crashes; its supervisor starts it again (a new worker on the same host).
+    let crashed = tokio::time::Instant::now();
+    first.stop(Signal::SIGKILL).await;
+    let (second, second_id) = worker(dir.path(), data, &env).await;
+    let settled_in = crashed.elapsed();
+    // Its previous incarnation's agent is gone, its running turn settled (it had streamed:
+    // failed), and the queued turn ran on the new worker, all well within the TTL.
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, r)| !r.starts_with('Z'))
+        })
+    };
+    assert!(!alive(agent), "the crashed worker's agent still runs");
+    let slow = ended_turn(
+        &client,
+        &base,
+        &key,
+        slow["id"].as_str().unwrap(),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(slow["status"], "failed", "{slow}");
+    let queued = ended_turn(
+        &client,
+        &base,
+        &key,
+        queued["id"].as_str().unwrap(),
+        dir.path(),
+    )
+    .await;
+    assert_eq!(queued["status"], "completed", "{queued}");
+    assert_eq!(queued["worker_id"], second_id.as_str());
+    assert!(
+        crashed.elapsed() < Duration::from_secs(30),
+        "took {:?} (worker up after {settled_in:?})",
+        crashed.elapsed()
+    );
+    let listed: Value = client
+        .get(format!("{base}/v1/admin/workers"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let live: Vec<&str> = listed["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(live, [second_id.as_str()], "{first_id} is still listed");
+    assert!(second.stop(Signal::SIGTERM).await.success());
+    assert!(serve.stop(Signal::SIGINT).await.success());
+}
