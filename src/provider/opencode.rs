@@ -482,6 +482,12 @@ impl OpenCodeSession {
                 }
             }
         };
+        // Unbounded on purpose (docs/backpressure.md). One `/global/event` stream feeds every
+        // session of the server: a bounded queue whose sender waits would let one session
+        // that is not reading stall all the others, for as long as it sits idle (only a
+        // running turn reads its queue). What waits here is what OpenCode sent for this
+        // session while its actor was writing to the database or between turns: about one
+        // turn's output, which the server holds in memory as well.
         let (tx, rx) = mpsc::unbounded_channel();
         server
             .routes

@@ -2,6 +2,7 @@
 
 mod admin;
 mod auth;
+mod backpressure;
 mod claude;
 mod errors;
 mod fleet;

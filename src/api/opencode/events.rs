@@ -7,6 +7,11 @@
 //! feed, reads each session's new rows from the table (so a lost notification costs
 //! latency, never data: a lag or a listener reconnect re-reads every session) and
 //! translates them with a per-session [`Transcript`].
+//!
+//! Backpressure: a notification only marks its session as behind; rows are read one page
+//! at a time, only after hyper has taken every frame of the previous page. Once a stalled
+//! client's socket and hyper's buffer are full, the reads stop: the stream holds at most
+//! one page of frames however far behind the client falls (docs/backpressure.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -72,8 +77,9 @@ async fn start(
         epoch,
         start,
         tracks: HashMap::new(),
+        behind: VecDeque::new(),
         out: VecDeque::new(),
-        heartbeat: tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT),
+        heartbeat: heartbeat(),
     };
     feed.push_server("server.connected");
     let body = Body::from_stream(futures::stream::unfold(feed, |mut feed| async move {
@@ -94,12 +100,22 @@ async fn start(
     Ok(response)
 }
 
-/// One followed session: where its stream stands, and its translation state. `None`: the
-/// session is not in this stream's scope.
+/// The heartbeat timer. A client that stopped reading gets one heartbeat when it resumes,
+/// not one for every 10 s it was away.
+fn heartbeat() -> tokio::time::Interval {
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat
+}
+
+/// One followed session: where its stream stands, and its translation state (`None`: the
+/// session is not in this stream's scope).
 struct Track {
     cursor: i64,
     transcript: Option<Transcript>,
     directory: String,
+    /// Queued in [`Feed::behind`]: it has rows after `cursor` not read yet.
+    behind: bool,
 }
 
 struct Feed {
@@ -113,6 +129,9 @@ struct Feed {
     /// Where each session that existed at connect time stood then.
     start: HashMap<SessionId, i64>,
     tracks: HashMap<SessionId, Track>,
+    /// Sessions with unread rows, in turn: each gets one page, then goes to the back.
+    behind: VecDeque<SessionId>,
+    /// Frames of the last page (or a heartbeat) not taken by the client yet.
     out: VecDeque<Bytes>,
     heartbeat: tokio::time::Interval,
 }
@@ -145,11 +164,19 @@ impl Feed {
         self.out.push_back(frame(&v));
     }
 
-    /// The next frame; `None` ends the stream (shutdown).
+    /// The next frame; `None` ends the stream (shutdown). hyper asks for it only when its
+    /// write buffer has room, so rows are read at the pace the client reads.
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if let Some(f) = self.out.pop_front() {
                 return Some(f);
+            }
+            if self.state.shutdown.is_cancelled() {
+                return None;
+            }
+            if let Some(session) = self.behind.pop_front() {
+                self.read_page(session).await;
+                continue;
             }
             tokio::select! {
                 () = self.state.shutdown.cancelled() => return None,
@@ -181,7 +208,9 @@ impl Feed {
         }
     }
 
-    /// Session `session` has events up to `seq`: translate what this stream has not seen.
+    /// Session `session` has events up to `seq`: if this stream has not read them, queue the
+    /// session for [`Self::read_page`]. Nothing is read here, so notifications cost no
+    /// memory whatever the client does.
     async fn advance(&mut self, session: SessionId, seq: i64) {
         if !self.tracks.contains_key(&session) {
             let Some(track) = self.open(session).await else {
@@ -189,47 +218,60 @@ impl Feed {
             };
             self.tracks.insert(session, track);
         }
-        let Some(track) = self.tracks.get(&session) else {
+        let Some(track) = self.tracks.get_mut(&session) else {
             return;
         };
-        if track.transcript.is_none() || seq <= track.cursor {
+        if track.transcript.is_none() || seq <= track.cursor || track.behind {
             return;
         }
-        let mut cursor = track.cursor;
-        loop {
-            let rows = match store::events::list(&self.state.pool, session, cursor, None, PAGE)
-                .await
+        track.behind = true;
+        self.behind.push_back(session);
+    }
+
+    /// Reads and translates one page of the session's rows after its cursor. A full page
+    /// means there may be more: the session goes to the back of the queue, after the other
+    /// sessions that are behind.
+    async fn read_page(&mut self, session: SessionId) {
+        let Some(cursor) = self.tracks.get(&session).map(|t| t.cursor) else {
+            return;
+        };
+        let rows = match store::events::list(&self.state.pool, session, cursor, None, PAGE).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                // The next notification (or resync) for the session queues it again.
+                tracing::warn!(error = %e, session.id = %session, "opencode events: read failed");
+                if let Some(track) = self.tracks.get_mut(&session) {
+                    track.behind = false;
+                }
+                return;
+            }
+        };
+        let mut frames = Vec::new();
+        for ev in &rows {
+            let kind = ev.body.get("type").and_then(Value::as_str).unwrap_or("");
+            if kind.starts_with("session.") && kind != "session.status" {
+                self.refresh(session).await;
+            }
+            if let Some(track) = self.tracks.get_mut(&session)
+                && let Some(tr) = track.transcript.as_mut()
             {
-                Ok(rows) => rows,
-                Err(e) => {
-                    tracing::warn!(error = %e, session.id = %session, "opencode events: read failed");
-                    return;
-                }
-            };
-            let Some(last) = rows.last() else { break };
-            cursor = last.seq;
-            let mut frames = Vec::new();
-            for ev in &rows {
-                let kind = ev.body.get("type").and_then(Value::as_str).unwrap_or("");
-                if kind.starts_with("session.") && kind != "session.status" {
-                    self.refresh(session).await;
-                }
-                if let Some(track) = self.tracks.get_mut(&session)
-                    && let Some(tr) = track.transcript.as_mut()
-                {
-                    let dir = track.directory.clone();
-                    frames.extend(tr.apply(ev).into_iter().map(|e| (dir.clone(), e)));
-                }
-            }
-            for (dir, e) in &frames {
-                self.push(dir, e);
-            }
-            if (rows.len() as i64) < PAGE {
-                break;
+                let dir = track.directory.clone();
+                frames.extend(tr.apply(ev).into_iter().map(|e| (dir.clone(), e)));
             }
         }
-        if let Some(track) = self.tracks.get_mut(&session) {
-            track.cursor = cursor;
+        for (dir, e) in &frames {
+            self.push(dir, e);
+        }
+        let Some(track) = self.tracks.get_mut(&session) else {
+            return;
+        };
+        if let Some(last) = rows.last() {
+            track.cursor = last.seq;
+        }
+        if rows.len() as i64 == PAGE {
+            self.behind.push_back(session);
+        } else {
+            track.behind = false;
         }
     }
 
@@ -252,6 +294,7 @@ impl Feed {
             cursor,
             transcript: in_scope.then(|| Transcript::new(Ctx::of(&row, &self.default_dir), false)),
             directory,
+            behind: false,
         })
     }
 
