@@ -594,7 +594,18 @@ impl Worker {
             "delete" => Command::Delete,
             _ => return,
         };
-        let _ = tx.try_send(cmd);
+        match tx.try_send(cmd) {
+            Ok(()) => {}
+            // A busy actor's mailbox can be full (jobs queue there too): an interrupt or a
+            // delete must not be dropped, so it waits for room beside the listener.
+            Err(mpsc::error::TrySendError::Full(Command::Wake)) => {}
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                self.tasks.spawn(async move {
+                    let _ = tx.send(cmd).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
     }
 }
 

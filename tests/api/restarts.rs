@@ -556,7 +556,15 @@ async fn up_replaces_its_worker_when_the_fleet_declares_it_lost() {
     );
     // The single process keeps serving turns, on the new worker, with the conversation.
     let two = try_post(&client, &b, &key, &sid, "two").await.unwrap();
-    assert_completed_once(&client, &db.pool, &b, &key, &[two.clone()], dir.path()).await;
+    assert_completed_once(
+        &client,
+        &db.pool,
+        &b,
+        &key,
+        std::slice::from_ref(&two),
+        dir.path(),
+    )
+    .await;
     let done = ended_turn(&client, &b, &key, two["id"].as_str().unwrap(), dir.path()).await;
     assert_eq!(done["worker_id"], replaced[0].as_str());
     assert!(
