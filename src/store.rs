@@ -4,6 +4,7 @@ pub mod audit;
 pub mod events;
 pub mod keys;
 pub mod leases;
+pub mod opencode_mirror;
 pub mod queue;
 pub mod sessions;
 pub mod tenants;

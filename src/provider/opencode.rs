@@ -7,6 +7,7 @@
 //! conversations survive in the server's data directory under the provider's `HOME`.
 
 pub mod mapper;
+pub mod mirror;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -421,6 +422,8 @@ pub struct OpenCodeSession {
     /// Mapped events not handed out yet (one OpenCode event can make several).
     pending: VecDeque<AgentEvent>,
     settle: bool,
+    /// The user message of the last prompt (the turn a mirror reads back to).
+    last_prompt: Option<String>,
 }
 
 impl OpenCodeSession {
@@ -506,6 +509,7 @@ impl OpenCodeSession {
             turn: None,
             pending: VecDeque::new(),
             settle: false,
+            last_prompt: None,
         };
         Ok((session, attached))
     }
@@ -513,6 +517,11 @@ impl OpenCodeSession {
     /// OpenCode's id for the conversation (kept to resume it).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The user message id of the last prompt sent, if any.
+    pub fn last_prompt(&self) -> Option<&str> {
+        self.last_prompt.as_deref()
     }
 
     /// The server process (shared by every OpenCode session of the worker).
@@ -548,6 +557,7 @@ impl OpenCodeSession {
                 .collect();
             body["tools"] = Value::Object(off);
         }
+        self.last_prompt = Some(message_id.clone());
         self.turn = Some(TurnMapper::new(message_id));
         let r = self
             .server

@@ -13,6 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+mod opencode_mirror;
+
+use opencode_mirror::{OpenCodeMirror, Restore};
+
 use super::retry;
 use super::spares::Spares;
 use super::writer::{DEFAULT_WINDOW, EventWriter};
@@ -163,6 +167,8 @@ pub struct Actor {
     /// How many bytes of the transcript are mirrored. Mirroring runs beside the actor (the
     /// next turn need not wait for it); the lock keeps the mirrors of one session in order.
     mirrored: Arc<tokio::sync::Mutex<u64>>,
+    /// The mirror of the OpenCode conversation of the warm session, if it runs on OpenCode.
+    opencode_mirror: Option<OpenCodeMirror>,
     deleted: bool,
     evicted: bool,
     activity: Arc<Activity>,
@@ -198,6 +204,7 @@ impl Actor {
             waiters: Waiters::default(),
             transcript: None,
             mirrored: Arc::default(),
+            opencode_mirror: None,
             deleted: false,
             evicted: false,
             activity,
@@ -288,6 +295,7 @@ impl Actor {
 
     async fn stop_process(&mut self) {
         self.transcript = None;
+        self.end_opencode_mirror().await;
         if let Some(mut p) = self.process.take() {
             p.stop(self.settings.worker.stop_grace).await;
             let _ = leases::set_process(&self.pool, self.session, self.fence, None).await;
@@ -495,6 +503,12 @@ impl Actor {
             })
             .await
             .map_err(|e| e.to_string())?;
+        // A conversation that ran elsewhere since (another HOME, another host) comes back
+        // from its mirror under the same OpenCode session id.
+        let restore = match &known {
+            Some(id) => self.restore_opencode(&server, id, &cwd).await?,
+            None => Restore::Ready { mark: None },
+        };
         let session_spec = SessionSpec {
             known,
             cwd,
@@ -507,9 +521,11 @@ impl Actor {
             .await
             .map_err(|e| e.to_string())?;
         if attached == Attached::Lost {
-            writer.push(EventBody::ContextLost {
-                reason: "the OpenCode session was not found on this worker's server; starting a new conversation".into(),
-            });
+            let reason = match &restore {
+                Restore::Failed(why) => format!("the OpenCode session could not be restored from its mirror ({why}); starting a new conversation"),
+                Restore::Ready { .. } => "the OpenCode session was not found on this worker's server; starting a new conversation".into(),
+            };
+            writer.push(EventBody::ContextLost { reason });
         }
         if attached != Attached::Resumed {
             self.db("recording the OpenCode session id", || {
@@ -518,6 +534,12 @@ impl Actor {
             .await
             .map_err(|e| e.to_string())?;
         }
+        // Mirrors go on from the last turn mirrored when this is the mirrored conversation.
+        let mark = match restore {
+            Restore::Ready { mark } if attached == Attached::Resumed => mark,
+            _ => None,
+        };
+        self.opencode_mirror = Some(OpenCodeMirror::new(session.id(), mark));
         let pid = session.pid();
         let _ = leases::set_process(&self.pool, self.session, self.fence, Some(pid)).await;
         tracing::info!(session.id = %self.session, opencode.session = %session.id(), process.pid = pid, ?attached, "OpenCode session ready");
@@ -776,6 +798,7 @@ impl Actor {
         self.waiters.ended(turn.turn_id);
         // Bytes the CLI writes after its result (and a rewritten file) follow separately.
         self.mirror_transcript(path);
+        self.mirror_opencode();
         Ok(())
     }
 

@@ -1,7 +1,8 @@
 //! The OpenCode provider end to end: sessions with `provider: "opencode"` run on the
 //! worker's one supervised `opencode serve` (the real CLI, `HOTPLEX_TEST_OPENCODE`) against
 //! the mock chat-completions API — warm turns on the same process with context, a tool, an
-//! abort, and a worker restart that resumes the OpenCode session.
+//! abort, a worker restart that resumes the OpenCode session, and a session that moves to a
+//! worker with another HOME and back (its conversation restored from the PostgreSQL mirror).
 
 use std::time::Duration;
 
@@ -277,6 +278,116 @@ async fn a_new_worker_resumes_the_opencode_session() {
     assert_resumed_with_context(&app, &mock, &sid, "which fruit", "remember mango").await;
 }
 
+/// The session's OpenCode session id (`sessions.agent_ref`).
+async fn agent_ref(app: &TestApp, sid: &str) -> String {
+    sqlx::query_scalar("select agent_ref from sessions where session_id = $1::uuid")
+        .bind(sid)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// Whether a model request for `question` carried the bash tool's result `output`.
+fn carried_tool_result(
+    mock: &hotplex::mock_llm::openai::MockServer,
+    question: &str,
+    output: &str,
+) -> bool {
+    requests_with(mock, question).iter().any(|r| {
+        r["body"]["messages"].as_array().is_some_and(|messages| {
+            messages
+                .iter()
+                .any(|m| m["role"] == "tool" && m["content"].to_string().contains(output))
+        })
+    })
+}
+
+#[tokio::test]
+async fn an_opencode_session_moves_to_another_home_and_back_with_its_whole_conversation() {
+    let mock = mock(Duration::from_millis(5)).await;
+    let Some(mut app) = TestApp::spawn_with_real_opencode(&mock.base_url()).await else {
+        return;
+    };
+    let sid = opencode_session(&app, json!({})).await;
+    // Worker A: two turns, the second with a tool call.
+    let first = run(&app, &sid, "remember the word papaya").await;
+    assert_eq!(first["status"], "completed", "{first}");
+    let tool = run(&app, &sid, "[[bash:echo tool-said-hello]]").await;
+    assert_eq!(tool["status"], "completed", "{tool}");
+    assert!(
+        tool["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("TOOL_DONE: tool-said-hello"),
+        "{tool}"
+    );
+    let opencode_id = agent_ref(&app, &sid).await;
+    app.worker.take().unwrap().stop().await;
+    // The conversation is in PostgreSQL: user, assistant, user, assistant (tool), assistant.
+    let mirrored: i64 =
+        sqlx::query_scalar("select count(*) from opencode_messages where session_id = $1::uuid")
+            .bind(&sid)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(mirrored, 5);
+
+    // Worker B has another HOME (another opencode.db) and another work root, as on another
+    // host: the conversation is replayed into its server under the same OpenCode id.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let b = app
+        .start_worker_with(|s| {
+            s.providers.opencode.home = Some(elsewhere.path().join("home"));
+            s.work_root = Some(elsewhere.path().join("work"));
+        })
+        .await;
+    let third = run(&app, &sid, "what came before").await;
+    assert_eq!(third["status"], "completed", "{third}");
+    assert_eq!(third["result"], "MOCK_REPLY: what came before");
+    assert_resumed_with_context(
+        &app,
+        &mock,
+        &sid,
+        "what came before",
+        "remember the word papaya",
+    )
+    .await;
+    assert!(
+        carried_tool_result(&mock, "what came before", "tool-said-hello"),
+        "{:#?}",
+        requests_with(&mock, "what came before")
+    );
+    assert_eq!(agent_ref(&app, &sid).await, opencode_id);
+    assert!(
+        elsewhere
+            .path()
+            .join("home/.local/share/opencode/opencode.db")
+            .exists()
+    );
+    b.stop().await;
+
+    // Back on A's HOME, whose copy stopped at the second turn: the stale copy is replaced
+    // from the mirror, so the fourth turn sees the third.
+    app.worker = Some(app.start_worker().await);
+    let fourth = run(&app, &sid, "and what now").await;
+    assert_eq!(fourth["status"], "completed", "{fourth}");
+    assert_resumed_with_context(&app, &mock, &sid, "and what now", "what came before").await;
+    assert_resumed_with_context(
+        &app,
+        &mock,
+        &sid,
+        "and what now",
+        "remember the word papaya",
+    )
+    .await;
+    assert!(carried_tool_result(
+        &mock,
+        "and what now",
+        "tool-said-hello"
+    ));
+    assert_eq!(agent_ref(&app, &sid).await, opencode_id);
+}
+
 #[tokio::test]
 async fn a_killed_server_fails_its_turn_and_the_next_turn_gets_a_new_one() {
     let mock = mock(Duration::from_millis(20)).await;
@@ -343,4 +454,125 @@ async fn opencode_run_attaches_to_hotplex_running_the_opencode_provider() {
         .await
         .unwrap();
     assert_eq!(provider, "opencode");
+}
+
+#[tokio::test]
+async fn the_opencode_mirror_is_written_under_the_lease_and_follows_the_server() {
+    use hotplex::domain::{SessionId, WorkerId};
+    use hotplex::store::{leases, opencode_mirror as mirror, workers};
+
+    fn turn<'a>(
+        agent_ref: &'a str,
+        info: &'a Value,
+        from: Option<&'a str>,
+        messages: &'a [(String, Value)],
+    ) -> mirror::TurnMirror<'a> {
+        mirror::TurnMirror {
+            agent_ref,
+            info,
+            from,
+            messages,
+            turn_message_id: "msg_0Z",
+        }
+    }
+
+    let app = TestApp::spawn().await;
+    let pool = &app.db.pool;
+    let session: SessionId = app.new_session(&app.admin_key).await.parse().unwrap();
+    let (a, b) = (WorkerId::new_random(), WorkerId::new_random());
+    workers::register(pool, a, "host-a", 1, 4).await.unwrap();
+    workers::register(pool, b, "host-b", 2, 4).await.unwrap();
+    let ttl = Duration::from_secs(30);
+    let fence_a = leases::claim(pool, session, a, ttl).await.unwrap().unwrap();
+    let message = |id: &str, text: &str| {
+        (
+            id.to_owned(),
+            json!({"info": {"id": id}, "parts": [{"text": text}]}),
+        )
+    };
+    let ids = |s: &mirror::Snapshot| -> Vec<String> {
+        s.messages
+            .iter()
+            .map(|m| m["info"]["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let info = json!({"id": "ses_one", "title": "t"});
+    // Byte order, as OpenCode orders its ids ('Z' sorts before 'a').
+    let first = [
+        message("msg_0a", "one"),
+        message("msg_0Z", "two"),
+        message("msg_1", "three"),
+    ];
+    assert!(
+        mirror::write_turn(pool, session, fence_a, turn("ses_one", &info, None, &first))
+            .await
+            .unwrap()
+    );
+    let head = mirror::head(pool, session).await.unwrap().unwrap();
+    assert_eq!(head.agent_ref, "ses_one");
+    assert_eq!(head.turn_message_id.as_deref(), Some("msg_0Z"));
+    assert_eq!(head.last_message_id.as_deref(), Some("msg_1"));
+    let snap = mirror::snapshot(pool, session, "ses_one")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&snap), ["msg_0Z", "msg_0a", "msg_1"]);
+    assert_eq!(snap.info, info);
+
+    // From a message on, the mirror becomes what the server has: changed, added, dropped.
+    let second = [message("msg_0a", "one, edited"), message("msg_2", "four")];
+    assert!(
+        mirror::write_turn(
+            pool,
+            session,
+            fence_a,
+            turn("ses_one", &info, Some("msg_0a"), &second)
+        )
+        .await
+        .unwrap()
+    );
+    let snap = mirror::snapshot(pool, session, "ses_one")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&snap), ["msg_0Z", "msg_0a", "msg_2"]);
+    assert_eq!(snap.messages[1]["parts"][0]["text"], "one, edited");
+
+    // Another worker takes the session over: the old owner writes nothing any more.
+    leases::release(pool, session, fence_a).await.unwrap();
+    let fence_b = leases::claim(pool, session, b, ttl).await.unwrap().unwrap();
+    assert!(
+        !mirror::write_turn(pool, session, fence_a, turn("ses_one", &info, None, &first))
+            .await
+            .unwrap()
+    );
+    let snap = mirror::snapshot(pool, session, "ses_one")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&snap), ["msg_0Z", "msg_0a", "msg_2"]);
+
+    // A new OpenCode conversation replaces the mirror of the old one whole.
+    let other = [message("msg_9", "new")];
+    assert!(
+        mirror::write_turn(
+            pool,
+            session,
+            fence_b,
+            turn("ses_two", &info, Some("msg_9"), &other)
+        )
+        .await
+        .unwrap()
+    );
+    assert!(
+        mirror::snapshot(pool, session, "ses_one")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let snap = mirror::snapshot(pool, session, "ses_two")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ids(&snap), ["msg_9"]);
 }

@@ -317,6 +317,19 @@ impl TestApp {
         TestWorker { worker, shutdown }
     }
 
+    /// Starts a worker on this app's database with settings of its own: `configure` changes
+    /// a copy of the app's (another agent `HOME` and work root stand for another host).
+    pub async fn start_worker_with(&self, configure: impl FnOnce(&mut Settings)) -> TestWorker {
+        let mut settings = (*self.settings).clone();
+        configure(&mut settings);
+        let shutdown = Shutdown::new();
+        let worker =
+            hotplex::worker::Worker::start(self.db.pool.clone(), Arc::new(settings), &shutdown)
+                .await
+                .expect("worker");
+        TestWorker { worker, shutdown }
+    }
+
     /// The app plus a worker in the same process, running the fake agent.
     pub async fn spawn_with_worker(configure: impl FnOnce(&mut Settings)) -> Self {
         let mut app = Self::spawn_with_fake_agent(configure).await;
