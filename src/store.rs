@@ -81,6 +81,21 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     Ok(())
 }
 
+/// A transaction on a pooled connection, begun so that cancelling the caller cannot leak
+/// it. sqlx 0.9.0's `Pool::begin` is not cancel-safe on PostgreSQL: dropped while its
+/// `BEGIN` is in flight (a client that disconnects, a timeout), it returns the connection to
+/// the pool inside an open transaction that nothing ends, and the next borrower's writes
+/// run in it and are never committed (transact-rs/sqlx#4393, fixed upstream after 0.9.0).
+/// Here the `BEGIN` runs in a task of its own: if the caller goes away, the task still
+/// finishes it, and dropping the finished transaction rolls it back properly.
+pub async fn begin(pool: &PgPool) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+    let pool = pool.clone();
+    match tokio::spawn(async move { pool.begin().await }).await {
+        Ok(tx) => Ok(tx?),
+        Err(e) => Err(Error::Database(sqlx::Error::Io(std::io::Error::other(e)))),
+    }
+}
+
 /// `select 1`, for readiness probes.
 pub async fn ping(pool: &PgPool) -> Result<()> {
     sqlx::query("select 1").execute(pool).await?;

@@ -30,6 +30,9 @@ use session::{Activity, Actor, Command};
 const BATCH: usize = 64;
 /// The fallback poll of each queue, for wake-ups that were still lost.
 const POLL: Duration = Duration::from_secs(1);
+/// Connections of each queue consumer's own pool (fetching and settling jobs; the turns
+/// themselves use the worker's pool).
+const CONSUMER_CONNECTIONS: u32 = 4;
 
 /// A running worker.
 pub struct Worker {
@@ -187,13 +190,21 @@ impl Worker {
                 .queue(queue.as_str())
                 .batch_size(BATCH)
                 .lock_tasks(false);
+            // apalis gets a pool of its own, new for each incarnation of the consumer: its
+            // futures are dropped mid-statement when a consumer stops, and a `BEGIN` dropped
+            // in flight leaves its connection inside a transaction (sqlx 0.9.0; see
+            // `store::begin`). That connection must never reach the API or the actors.
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(CONSUMER_CONNECTIONS)
+                .acquire_timeout(self.settings.database.acquire_timeout)
+                .connect_lazy_with((*self.pool.connect_options()).clone());
             // LISTEN wake-ups plus a 1 s poll for the rare one apalis loses. Shorter polls and
             // repeated wake-ups were measured and lose more (docs/apalis.md).
-            let backend = PostgresStorage::<TurnJob>::new(&self.pool)
+            let backend = PostgresStorage::<TurnJob>::new(&pool)
                 .with_config(config)
                 .poll_with_strategy(
                     Strategy::new()
-                        .stream(Pubsub::new(self.pool.clone(), queue.clone()))
+                        .stream(Pubsub::new(pool.clone(), queue.clone()))
                         .interval(POLL),
                 );
             let apalis_worker = WorkerBuilder::new(name.as_str())
@@ -295,7 +306,7 @@ impl Worker {
         let silent = self.settings.worker.lease_ttl;
         dead.extend(store::workers::reap_dead(&self.pool, silent).await?);
         for (worker, worker_host) in dead {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = store::begin(&self.pool).await?;
             let moved = queue::hand_back(&mut *tx, worker).await?;
             let running = queue::requeue_running(&mut tx, worker).await?;
             tx.commit().await?;
@@ -466,7 +477,7 @@ impl Worker {
         to_shared: queue::Push,
     ) -> Result<(), String> {
         retry::until_available(&self.token, "pushing a job", |_| async move {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = store::begin(&self.pool).await?;
             let owner = leases::owner(&mut *tx, job.session_id)
                 .await?
                 .filter(|o| *o != self.id || !self.token.is_cancelled());

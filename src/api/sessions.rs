@@ -297,11 +297,7 @@ pub(crate) async fn remove(
     principal: &Principal,
     session_id: SessionId,
 ) -> Result<bool, ApiError> {
-    let mut tx = state
-        .pool
-        .begin()
-        .await
-        .map_err(crate::store::Error::from)?;
+    let mut tx = crate::store::begin(&state.pool).await?;
     if !sessions::delete(&mut *tx, principal.tenant_id, session_id).await? {
         return Ok(false);
     }

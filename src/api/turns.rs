@@ -349,7 +349,7 @@ pub async fn interrupt_session(
     principal: Principal,
     AppPath(path): AppPath<SessionPath>,
 ) -> Result<(StatusCode, AppJson<InterruptResponse>), ApiError> {
-    let mut tx = state.pool.begin().await.map_err(store::Error::from)?;
+    let mut tx = store::begin(&state.pool).await?;
     sessions::get(&mut *tx, principal.tenant_id, path.session_id)
         .await?
         .ok_or_else(|| ApiError::not_found("session not found"))?;

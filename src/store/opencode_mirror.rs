@@ -62,7 +62,7 @@ pub async fn snapshot(
     agent_ref: &str,
 ) -> Result<Option<Snapshot>> {
     // One snapshot: a mirror written between the two reads must not mix in.
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     sqlx::query("set transaction isolation level repeatable read, read only")
         .execute(&mut *tx)
         .await?;
@@ -94,7 +94,7 @@ pub async fn write_turn(
     fence: Fence,
     turn: TurnMirror<'_>,
 ) -> Result<bool> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     // Holding the lease row for the transaction: a takeover (which updates it) waits until
     // this commits, so the next owner never reads a mirror its predecessor is still writing.
     let owner: Option<i32> = sqlx::query_scalar(

@@ -89,7 +89,7 @@ pub enum Created {
 
 /// Creates the session (and its `session.created` event), or finds it.
 pub async fn create(pool: &PgPool, new: &NewSession) -> Result<Created> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     let inserted = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
         "insert into sessions (session_id, tenant_id, external_id, namespace, provider, work_dir, model,
                                options, title, directory)
@@ -389,7 +389,7 @@ pub async fn set_title(
     id: SessionId,
     title: Option<&str>,
 ) -> Result<Option<SessionRow>> {
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     let row = sqlx::query_as::<_, SessionRow>(AssertSqlSafe(format!(
         "update sessions set title = $3, updated_at = now()
           where session_id = $1 and tenant_id = $2 and status <> 'deleted'

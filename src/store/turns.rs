@@ -80,7 +80,7 @@ pub async fn enqueue(pool: &PgPool, new: &NewTurn<'_>) -> Result<Enqueued> {
         let mut conn = pool.acquire().await?;
         return insert_turn(&mut conn, new).await;
     };
-    let mut tx = pool.begin().await?;
+    let mut tx = super::begin(pool).await?;
     // The row lock serializes retries of one key, so only the first one inserts.
     let live: Option<bool> = sqlx::query_scalar(
         "select true from sessions where session_id = $1 and tenant_id = $2 and status <> 'deleted' for update",

@@ -15,6 +15,7 @@ mod processes;
 mod restarts;
 mod runtime;
 mod sessions;
+mod store;
 mod support;
 mod turns;
 mod worker;

@@ -193,7 +193,15 @@ async fn an_idle_process_is_reaped_and_the_next_turn_resumes_the_conversation() 
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(reaped, "the idle process was not stopped");
-    let session: Value = app.get_json(&format!("/v1/sessions/{sid}")).await;
+    // The lease forgets the process just after it is gone.
+    let mut session = Value::Null;
+    for _ in 0..100 {
+        session = app.get_json(&format!("/v1/sessions/{sid}")).await;
+        if session["process"].is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert_eq!(session["process"], Value::Null, "{session}");
     let next = run_turn(&app, &sid, "two").await;
     assert!(

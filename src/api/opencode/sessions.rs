@@ -540,11 +540,7 @@ pub async fn abort(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, OcError> {
     let row = find(&state, &caller, &id).await?;
-    let mut tx = state
-        .pool
-        .begin()
-        .await
-        .map_err(crate::store::Error::from)?;
+    let mut tx = crate::store::begin(&state.pool).await?;
     turns::request_interrupt(&mut tx, caller.0.tenant_id, row.session_id).await?;
     tx.commit().await.map_err(crate::store::Error::from)?;
     Ok(Json(json!(true)))
