@@ -119,6 +119,10 @@ pub struct WorkerSettings {
     /// session's first turn skips the CLI's cold start (sessions with default settings
     /// only). Extra to `capacity`. 0: none.
     pub warm_spares: u32,
+    /// Finished queue jobs (spent wake-ups; the turns and events are the record) are
+    /// deleted this long after they finished.
+    #[serde(with = "humantime_serde")]
+    pub job_retention: Duration,
 }
 
 impl Default for WorkerSettings {
@@ -133,6 +137,7 @@ impl Default for WorkerSettings {
             drain_timeout: Duration::from_secs(60),
             max_agent_rss_mb: 2048,
             warm_spares: 0,
+            job_retention: Duration::from_secs(24 * 3600),
         }
     }
 }

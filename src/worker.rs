@@ -30,6 +30,10 @@ use session::{Activity, Actor, Command};
 const BATCH: usize = 64;
 /// The fallback poll of each queue, for wake-ups that were still lost.
 const POLL: Duration = Duration::from_secs(1);
+/// How often a worker prunes finished jobs, and how much at most per round.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+const PRUNE_BATCH: i64 = 1000;
+const PRUNE_BATCHES: usize = 20;
 /// Connections of each queue consumer's own pool (fetching and settling jobs; the turns
 /// themselves use the worker's pool).
 const CONSUMER_CONNECTIONS: u32 = 4;
@@ -259,6 +263,9 @@ impl Worker {
 
     async fn heartbeat(self: Arc<Self>) {
         let period = self.settings.worker.lease_ttl / 3;
+        // Pruning the queue is every worker's chore, now and then (at start, then about
+        // every ten minutes): any one of them doing it is enough.
+        let mut prune_at = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = self.token.cancelled() => break,
@@ -280,6 +287,33 @@ impl Worker {
             if let Err(e) = self.reap_lost_workers().await {
                 tracing::warn!(error = %e, "sweeping lost workers failed");
             }
+            if tokio::time::Instant::now() >= prune_at {
+                prune_at = tokio::time::Instant::now() + PRUNE_EVERY;
+                self.prune_queue().await;
+            }
+        }
+    }
+
+    /// Deletes finished jobs older than `worker.job_retention`, a bounded amount per round.
+    async fn prune_queue(&self) {
+        let retention = self.settings.worker.job_retention;
+        let mut pruned = 0;
+        for _ in 0..PRUNE_BATCHES {
+            match queue::prune_finished(&self.pool, retention, PRUNE_BATCH).await {
+                Ok(n) => {
+                    pruned += n;
+                    if n < PRUNE_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning finished jobs failed");
+                    break;
+                }
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(jobs = pruned, "pruned finished jobs");
         }
     }
 

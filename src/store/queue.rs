@@ -139,3 +139,28 @@ pub async fn release_consumer(db: impl sqlx::PgExecutor<'_>, name: &str) -> Resu
     .rows_affected();
     Ok(n)
 }
+
+/// Deletes up to `batch` finished jobs (done, failed, killed) that finished more than
+/// `retention` ago; returns how many. apalis never deletes a job, and every turn leaves at
+/// least one: the queue table would grow forever. The turns and their events are the
+/// record; a finished job is only a spent wake-up.
+pub async fn prune_finished(
+    db: impl sqlx::PgExecutor<'_>,
+    retention: std::time::Duration,
+    batch: i64,
+) -> Result<u64> {
+    let n = sqlx::query(
+        "delete from apalis.jobs where id in (
+             select id from apalis.jobs
+              where status in ('Done', 'Failed', 'Killed')
+                and done_at < now() - make_interval(secs => $1)
+              limit $2
+              for update skip locked)",
+    )
+    .bind(retention.as_secs_f64())
+    .bind(batch)
+    .execute(db)
+    .await?
+    .rows_affected();
+    Ok(n)
+}

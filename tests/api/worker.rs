@@ -424,3 +424,37 @@ async fn a_released_lease_is_free_at_once_and_its_generations_keep_growing() {
         .unwrap();
     assert!(third.generation > second.generation);
 }
+
+#[tokio::test]
+async fn finished_jobs_are_pruned_after_their_retention_and_nothing_else() {
+    let app = TestApp::spawn().await;
+    for (id, status, done_ago) in [
+        ("old-done", "Done", Some(7200)),
+        ("old-killed", "Killed", Some(7200)),
+        ("new-done", "Done", Some(10)),
+        ("pending", "Pending", None),
+        ("running", "Running", None),
+    ] {
+        sqlx::query(
+            "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, priority, done_at)
+             values ($1, 'test', '\\x7b7d'::bytea, $2, 0, 1, 0, now() - make_interval(secs => $3))",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(done_ago.map(f64::from))
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    }
+    let pruned = store::queue::prune_finished(&app.db.pool, Duration::from_secs(3600), 1000)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2);
+    let mut left: Vec<String> =
+        sqlx::query_scalar("select id from apalis.jobs where job_type = 'test'")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    left.sort();
+    assert_eq!(left, ["new-done", "pending", "running"]);
+}
