@@ -123,6 +123,9 @@ pub struct WorkerSettings {
     /// deleted this long after they finished.
     #[serde(with = "humantime_serde")]
     pub job_retention: Duration,
+    /// Resource limits of every agent process (and the tools it runs); core dumps are
+    /// always off.
+    pub agent_limits: crate::provider::process::Limits,
 }
 
 impl Default for WorkerSettings {
@@ -138,6 +141,7 @@ impl Default for WorkerSettings {
             max_agent_rss_mb: 2048,
             warm_spares: 0,
             job_retention: Duration::from_secs(24 * 3600),
+            agent_limits: crate::provider::process::Limits::default(),
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct SpawnSpec {
     pub permission_mode: Option<String>,
     pub allowed_tools: Vec<String>,
     pub disallowed_tools: Vec<String>,
+    /// Resource limits of the process and its children.
+    pub limits: process::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -100,6 +100,7 @@ impl ClaudeProcess {
             .current_dir(&spec.cwd)
             .env_clear()
             .envs(&spec.env);
+        spec.limits.apply(&mut cmd);
         let mut child = GroupChild::spawn(cmd).map_err(|source| Error::Spawn {
             binary: spec.binary.display().to_string(),
             source,
@@ -392,6 +393,7 @@ mod tests {
             permission_mode: Some("acceptEdits".into()),
             allowed_tools: vec!["Bash(git diff:*)".into(), "Read".into()],
             disallowed_tools: vec!["WebFetch".into()],
+            limits: Default::default(),
         }
     }
 

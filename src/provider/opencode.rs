@@ -48,6 +48,8 @@ pub struct HostSpec {
     pub env: BTreeMap<String, String>,
     pub cwd: PathBuf,
     pub stop_grace: Duration,
+    /// Resource limits of the server and the tools it runs.
+    pub limits: crate::provider::process::Limits,
 }
 
 /// The worker's OpenCode server, started on first use.
@@ -161,6 +163,7 @@ impl Server {
             .env_clear()
             .envs(&spec.env)
             .env("OPENCODE_SERVER_PASSWORD", &password);
+        spec.limits.apply(&mut cmd);
         let mut child = GroupChild::spawn(cmd).map_err(|source| Error::Spawn {
             binary: spec.binary.display().to_string(),
             source,

@@ -22,6 +22,44 @@ pub const TAG_VAR: &str = "HOTPLEX_PROCESS_TAG";
 /// worker on the same host finds them by it and ends them.
 pub const OWNER_VAR: &str = "HOTPLEX_WORKER_ID";
 
+/// Resource limits of an agent process and everything it starts (inherited), set between
+/// fork and exec. Core dumps are always off: an agent's memory holds prompts and keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// `RLIMIT_NOFILE`: open files per process.
+    pub max_open_files: Option<u64>,
+    /// `RLIMIT_FSIZE`, in MiB: the largest file a process may write (a runaway tool output
+    /// cannot fill the disk in one file).
+    pub max_file_size_mb: Option<u64>,
+}
+
+impl Limits {
+    /// Makes `cmd`'s process start under these limits. The crate's one other `unsafe` is
+    /// the allocator setting in `main`: a child's limits can only be set between fork and
+    /// exec (afterwards it could already have opened or written more).
+    #[allow(unsafe_code)]
+    pub fn apply(&self, cmd: &mut Command) {
+        let limits = *self;
+        // SAFETY: the closure runs in the forked child before exec; it only calls
+        // setrlimit(2), which is async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::sys::resource::{Resource, setrlimit};
+                setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+                if let Some(n) = limits.max_open_files {
+                    setrlimit(Resource::RLIMIT_NOFILE, n, n)?;
+                }
+                if let Some(mb) = limits.max_file_size_mb {
+                    let bytes = mb.saturating_mul(1024 * 1024);
+                    setrlimit(Resource::RLIMIT_FSIZE, bytes, bytes)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// Resident memory of a process, in bytes (`VmRSS`); `None` when it is gone.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

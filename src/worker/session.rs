@@ -345,6 +345,7 @@ impl Actor {
             None => self.settings.work_root().join(self.session.to_string()),
         };
         std::fs::create_dir_all(&cwd).map_err(|e| format!("creating {}: {e}", cwd.display()))?;
+        confined(&settings, &cwd)?;
         if provider_kind == Provider::OpenCode {
             let env = agent_env(&self.settings, provider, self.worker());
             return self.open_opencode(writer, &row, home, cwd, env).await;
@@ -491,6 +492,7 @@ impl Actor {
             env,
             cwd: self.settings.work_root(),
             stop_grace: self.settings.worker.stop_grace,
+            limits: self.settings.worker.agent_limits,
         };
         let server = self
             .opencode
@@ -843,6 +845,26 @@ impl Actor {
     }
 }
 
+/// The work dir, with every symlink resolved, must still lie under the work root or an
+/// `allowed_work_dirs` entry: the API checks the path as written, but a symlink placed
+/// there later (by another session's agent, say) could point anywhere.
+fn confined(settings: &Settings, cwd: &std::path::Path) -> Result<(), String> {
+    let real =
+        std::fs::canonicalize(cwd).map_err(|e| format!("resolving {}: {e}", cwd.display()))?;
+    let inside = std::iter::once(settings.work_root())
+        .chain(settings.allowed_work_dirs.iter().cloned())
+        .filter_map(|root| std::fs::canonicalize(root).ok())
+        .any(|root| real.starts_with(root));
+    if inside {
+        Ok(())
+    } else {
+        Err(format!(
+            "the session's work_dir resolves to {}, outside the work root and allowed_work_dirs; the agent was not started",
+            real.display()
+        ))
+    }
+}
+
 /// The environment every agent process of this worker gets: an allow-list, never our own
 /// environment (database URL, keys), plus the provider's own variables.
 fn agent_env(
@@ -894,6 +916,7 @@ pub(super) fn claude_spec(
             .and_then(|v| v.as_str().map(str::to_owned)),
         allowed_tools: options.allowed_tools.clone(),
         disallowed_tools: options.disallowed_tools.clone(),
+        limits: settings.worker.agent_limits,
     }
 }
 

@@ -155,6 +155,7 @@ pub fn same_agent(a: &SpawnSpec, b: &SpawnSpec) -> bool {
         && a.permission_mode == b.permission_mode
         && a.allowed_tools == b.allowed_tools
         && a.disallowed_tools == b.disallowed_tools
+        && a.limits == b.limits
 }
 
 #[cfg(test)]
@@ -174,6 +175,7 @@ mod tests {
             permission_mode: None,
             allowed_tools: vec![],
             disallowed_tools: vec![],
+            limits: Default::default(),
         }
     }
 

@@ -572,3 +572,65 @@ async fn a_new_session_takes_a_warm_spare_and_the_worker_starts_another() {
         .unwrap();
     assert!(spares.contains(&next_pid), "the spare was not used");
 }
+
+#[tokio::test]
+async fn agents_run_under_the_configured_resource_limits_without_core_dumps() {
+    let app = TestApp::spawn_with_worker(|s| {
+        s.worker.agent_limits.max_open_files = Some(64);
+        s.worker.agent_limits.max_file_size_mb = Some(1);
+    })
+    .await;
+    let sid = app.new_session(&app.admin_key).await;
+    let done = run_turn(
+        &app,
+        &sid,
+        "[[bash:echo nofile=$(ulimit -n) core=$(ulimit -c)]]",
+    )
+    .await;
+    let result = done["result"].as_str().unwrap();
+    assert!(result.contains("nofile=64 core=0"), "{done}");
+    // A tool writing past the file size limit is stopped by the kernel.
+    let big = run_turn(
+        &app,
+        &sid,
+        "[[bash:head -c 3000000 /dev/zero > big.bin; echo size=$(wc -c < big.bin)]]",
+    )
+    .await;
+    assert!(
+        big["result"].as_str().unwrap().contains("size=1048576"),
+        "{big}"
+    );
+}
+
+#[tokio::test]
+async fn a_work_dir_that_a_symlink_leads_out_of_the_roots_does_not_start_an_agent() {
+    let app = TestApp::spawn_with_worker(|_| {}).await;
+    let outside = tempfile::tempdir().unwrap();
+    let root = app.settings.work_root();
+    std::fs::create_dir_all(&root).unwrap();
+    std::os::unix::fs::symlink(outside.path(), root.join("escape")).unwrap();
+    let created: Value = app
+        .post("/v1/sessions", &app.admin_key)
+        .json(&json!({"work_dir": "escape"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = created["id"]
+        .as_str()
+        .expect("the path as written is inside")
+        .to_owned();
+    let failed = run_turn(&app, &sid, "[[bash:touch pwned]]").await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .contains("outside the work root"),
+        "{failed}"
+    );
+    assert!(!outside.path().join("pwned").exists());
+    assert!(started_events(&app, &sid).await.is_empty());
+}

@@ -128,6 +128,7 @@ async fn direct(turns: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         permission_mode: None,
         allowed_tools: Vec::new(),
         disallowed_tools: Vec::new(),
+        limits: Default::default(),
     };
     let tracker = TaskTracker::new();
     let mut agent = ClaudeProcess::spawn(&spec, &tracker).await?;
