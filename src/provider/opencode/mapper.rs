@@ -3,6 +3,12 @@
 //! `parentID` is that id count (OpenCode sends more events for a session after `idle`, and a
 //! second idle after an abort), and `session.idle` ends the turn only after the session was
 //! seen busy.
+//!
+//! OpenCode publishes a message's events from concurrent code, so their order varies under
+//! load: a part's first deltas can come before the `message.updated` that says whose the
+//! message is (they wait here until it does), and a part's final text can come after the
+//! message reported completion (the turn's result is therefore taken at `idle`, not at
+//! completion).
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -25,12 +31,22 @@ pub struct TurnMapper {
     part_kinds: HashMap<String, String>,
     /// Assistant message id → its text so far.
     texts: HashMap<String, String>,
-    last_text: String,
+    /// Our assistant messages in the order they completed (the result is the last one's
+    /// text).
+    completion_order: Vec<String>,
+    /// Deltas of messages not known yet (whose parent is unknown), by message id, with
+    /// their part ids; bounded by [`PENDING_LIMIT`] bytes.
+    pending: HashMap<String, Vec<(String, String)>>,
+    pending_bytes: usize,
     tools_started: HashSet<String>,
     usage: Usage,
     error: Option<(String, String)>,
     ended: bool,
 }
+
+/// Delta text kept for messages not known yet; beyond this it is dropped (the part's final
+/// text still makes the result whole).
+const PENDING_LIMIT: usize = 1 << 20;
 
 fn s(v: &Value) -> &str {
     v.as_str().unwrap_or("")
@@ -47,7 +63,9 @@ impl TurnMapper {
             completed: HashSet::new(),
             part_kinds: HashMap::new(),
             texts: HashMap::new(),
-            last_text: String::new(),
+            completion_order: Vec::new(),
+            pending: HashMap::new(),
+            pending_bytes: 0,
             tools_started: HashSet::new(),
             usage: Usage::default(),
             error: None,
@@ -83,20 +101,22 @@ impl TurnMapper {
             "message.part.updated" => self.part_updated(&p["part"]),
             "message.part.delta" => {
                 let msg = s(&p["messageID"]);
-                if !self.assistants.contains(msg) || s(&p["field"]) != "text" {
+                if s(&p["field"]) != "text" {
                     return Vec::new();
                 }
-                let delta = s(&p["delta"]).to_owned();
-                match self.part_kinds.get(s(&p["partID"])).map(String::as_str) {
-                    Some("reasoning") => vec![AgentEvent::ThinkingDelta(delta)],
-                    _ => {
-                        self.texts
+                let (part, delta) = (s(&p["partID"]).to_owned(), s(&p["delta"]).to_owned());
+                if !self.assistants.contains(msg) {
+                    // Perhaps ours, announced later: keep it until we know.
+                    if self.pending_bytes + delta.len() <= PENDING_LIMIT {
+                        self.pending_bytes += delta.len();
+                        self.pending
                             .entry(msg.to_owned())
                             .or_default()
-                            .push_str(&delta);
-                        vec![AgentEvent::TextDelta(delta)]
+                            .push((part, delta));
                     }
+                    return Vec::new();
                 }
+                vec![self.delta(msg, &part, delta)]
             }
             "session.error" if self.busy_seen || self.aborted => {
                 let name = s(&p["error"]["name"]).to_owned();
@@ -116,7 +136,7 @@ impl TurnMapper {
                         error: message.clone(),
                     },
                     None => TurnOutcome::Completed {
-                        result: self.last_text.clone(),
+                        result: self.result(),
                     },
                 };
                 self.usage.duration_ms = self.started.elapsed().as_millis() as i64;
@@ -129,15 +149,42 @@ impl TurnMapper {
         }
     }
 
+    /// A text (or reasoning) delta of one of our messages.
+    fn delta(&mut self, msg: &str, part: &str, delta: String) -> AgentEvent {
+        match self.part_kinds.get(part).map(String::as_str) {
+            Some("reasoning") => AgentEvent::ThinkingDelta(delta),
+            _ => {
+                self.texts
+                    .entry(msg.to_owned())
+                    .or_default()
+                    .push_str(&delta);
+                AgentEvent::TextDelta(delta)
+            }
+        }
+    }
+
     fn message_updated(&mut self, info: &Value) -> Vec<AgentEvent> {
-        if s(&info["role"]) != "assistant" || s(&info["parentID"]) != self.user_message {
-            return Vec::new();
-        }
         let id = s(&info["id"]).to_owned();
-        self.assistants.insert(id.clone());
-        if info["time"]["completed"].is_null() || !self.completed.insert(id.clone()) {
+        if s(&info["role"]) != "assistant" || s(&info["parentID"]) != self.user_message {
+            // Not ours: its held deltas can go.
+            if let Some(held) = self.pending.remove(&id) {
+                self.pending_bytes -= held.iter().map(|(_, d)| d.len()).sum::<usize>();
+            }
             return Vec::new();
         }
+        let mut out = Vec::new();
+        if self.assistants.insert(id.clone())
+            && let Some(held) = self.pending.remove(&id)
+        {
+            self.pending_bytes -= held.iter().map(|(_, d)| d.len()).sum::<usize>();
+            for (part, delta) in held {
+                out.push(self.delta(&id, &part, delta));
+            }
+        }
+        if info["time"]["completed"].is_null() || !self.completed.insert(id.clone()) {
+            return out;
+        }
+        self.completion_order.push(id.clone());
         let t = &info["tokens"];
         let n = |v: &Value| v.as_i64().unwrap_or(0);
         self.usage.input_tokens += n(&t["input"]);
@@ -159,20 +206,30 @@ impl TurnMapper {
                 .get_or_insert((name.to_owned(), message.to_owned()));
         }
         let text = self.texts.get(&id).cloned().unwrap_or_default();
-        if !text.is_empty() {
-            self.last_text = text.clone();
-        }
-        vec![AgentEvent::MessageCompleted { id, text }]
+        out.push(AgentEvent::MessageCompleted { id, text });
+        out
+    }
+
+    /// The turn's answer: the text of the last completed message that has one (a step that
+    /// only called tools has none), read at the end of the turn.
+    fn result(&self) -> String {
+        self.completion_order
+            .iter()
+            .rev()
+            .find_map(|id| self.texts.get(id).filter(|t| !t.is_empty()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn part_updated(&mut self, part: &Value) -> Vec<AgentEvent> {
         let msg = s(&part["messageID"]);
+        let kind = s(&part["type"]).to_owned();
+        // The kind is needed to route deltas that are held until the message is known.
+        self.part_kinds
+            .insert(s(&part["id"]).to_owned(), kind.clone());
         if !self.assistants.contains(msg) {
             return Vec::new();
         }
-        let kind = s(&part["type"]).to_owned();
-        self.part_kinds
-            .insert(s(&part["id"]).to_owned(), kind.clone());
         match kind.as_str() {
             // The final text of a part is authoritative (deltas may have been missed).
             "text" if !part["time"]["end"].is_null() => {
@@ -332,5 +389,73 @@ mod tests {
         assert!(
             matches!(&out[0], AgentEvent::TurnEnded(e) if e.outcome == TurnOutcome::Failed { error: "Model not found: x/y".into() })
         );
+    }
+
+    #[test]
+    fn events_out_of_order_under_load_still_give_the_whole_stream_and_result() {
+        let mut m = TurnMapper::new("msg_u".into());
+        let mut out = Vec::new();
+        let info = |completed: bool| {
+            let mut i = json!({"id": "msg_a", "role": "assistant", "parentID": "msg_u", "time": {"created": 1}});
+            if completed {
+                i["time"]["completed"] = json!(2);
+            }
+            i
+        };
+        for e in [
+            ev("session.status", json!({"status": {"type": "busy"}})),
+            // Deltas before the message is announced, and another session's message.
+            ev(
+                "message.part.updated",
+                json!({"part": {"id": "p1", "messageID": "msg_a", "type": "text", "text": ""}}),
+            ),
+            ev(
+                "message.part.delta",
+                json!({"messageID": "msg_a", "partID": "p1", "field": "text", "delta": "Hel"}),
+            ),
+            ev(
+                "message.part.delta",
+                json!({"messageID": "msg_x", "partID": "px", "field": "text", "delta": "nope"}),
+            ),
+            ev("message.updated", json!({"info": info(false)})),
+            ev(
+                "message.updated",
+                json!({"info": {"id": "msg_x", "role": "assistant", "parentID": "msg_other"}}),
+            ),
+            ev(
+                "message.part.delta",
+                json!({"messageID": "msg_a", "partID": "p1", "field": "text", "delta": "lo"}),
+            ),
+            // Completion reported before the part's final text.
+            ev("message.updated", json!({"info": info(true)})),
+            ev(
+                "message.part.updated",
+                json!({"part": {"id": "p1", "messageID": "msg_a", "type": "text", "text": "Hello!", "time": {"end": 3}}}),
+            ),
+            ev("session.idle", json!({})),
+        ] {
+            out.extend(m.map(&e));
+        }
+        let deltas: Vec<&AgentEvent> = out
+            .iter()
+            .filter(|e| matches!(e, AgentEvent::TextDelta(_)))
+            .collect();
+        assert_eq!(
+            deltas,
+            [
+                &AgentEvent::TextDelta("Hel".into()),
+                &AgentEvent::TextDelta("lo".into())
+            ]
+        );
+        let Some(AgentEvent::TurnEnded(end)) = out.last() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(
+            end.outcome,
+            TurnOutcome::Completed {
+                result: "Hello!".into()
+            }
+        );
+        assert_eq!(m.pending_bytes, 0);
     }
 }
