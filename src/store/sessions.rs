@@ -481,6 +481,65 @@ pub async fn append_agent_state(
     Ok(true)
 }
 
+/// Folds the mirror of conversation `cli_session_id` into one chunk once it has more than
+/// `max_chunks` (fenced like every mirror write); `true` when it did. Restoring then reads
+/// one row, and the table does not grow a row per turn forever.
+pub async fn compact_agent_state(
+    pool: &PgPool,
+    session: SessionId,
+    fence: super::events::Fence,
+    cli_session_id: uuid::Uuid,
+    max_chunks: i64,
+) -> Result<bool> {
+    let chunks: i64 = sqlx::query_scalar(
+        "select count(*) from agent_state_chunks where session_id = $1 and cli_session_id = $2",
+    )
+    .bind(session)
+    .bind(cli_session_id)
+    .fetch_one(pool)
+    .await?;
+    if chunks <= max_chunks {
+        return Ok(false);
+    }
+    let mut tx = super::begin(pool).await?;
+    // The lease row held for the transaction: a takeover waits until the fold is done.
+    let owner: Option<i32> = sqlx::query_scalar(
+        "select 1 from session_leases
+          where session_id = $1 and worker_id = $2 and generation = $3 for share",
+    )
+    .bind(session)
+    .bind(fence.worker_id)
+    .bind(fence.generation)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if owner.is_none() {
+        return Ok(false);
+    }
+    let Some(whole) = agent_state(&mut *tx, session, cli_session_id).await? else {
+        // Not contiguous: leave it as it is (a restore would not use it either).
+        return Ok(false);
+    };
+    sqlx::query(
+        "delete from agent_state_chunks
+          where session_id = $1 and cli_session_id = $2 and byte_offset > 0",
+    )
+    .bind(session)
+    .bind(cli_session_id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "update agent_state_chunks set content = $3
+          where session_id = $1 and cli_session_id = $2 and byte_offset = 0",
+    )
+    .bind(session)
+    .bind(cli_session_id)
+    .bind(&whole)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Inserts one chunk under the owner's lease; `false` when the lease was lost.
 async fn insert_chunk(
     db: impl PgExecutor<'_>,

@@ -30,6 +30,9 @@ use crate::store::events::Fence;
 use crate::store::turns::{Outcome, TurnRow};
 use crate::store::{self, leases, sessions, turns};
 
+/// Chunks of a transcript mirror beyond which they are folded into one.
+const MAX_CHUNKS: i64 = 64;
+
 /// How many finished turn ids an actor remembers (see [`Waiters`]).
 const FINISHED_KEPT: usize = 64;
 
@@ -827,19 +830,25 @@ impl Actor {
                     return;
                 }
             };
-            if bytes.is_empty() {
-                return;
-            }
-            let written = async {
-                let mut conn = pool.acquire().await?;
-                sessions::append_agent_state(&mut conn, session, fence, cli_id, from as i64, &bytes)
-                    .await
-            };
-            match written.await {
-                Ok(_) => *mirrored = from + bytes.len() as u64,
-                Err(e) => {
-                    tracing::warn!(session.id = %session, error = %e, "mirroring the transcript failed")
+            if !bytes.is_empty() {
+                let written = async {
+                    let mut conn = pool.acquire().await?;
+                    sessions::append_agent_state(&mut conn, session, fence, cli_id, from as i64, &bytes)
+                        .await
+                };
+                match written.await {
+                    Ok(_) => *mirrored = from + bytes.len() as u64,
+                    Err(e) => {
+                        tracing::warn!(session.id = %session, error = %e, "mirroring the transcript failed");
+                        return;
+                    }
                 }
+            }
+            // Every turn adds a chunk or two: a long conversation is folded back into one.
+            if let Err(e) =
+                sessions::compact_agent_state(&pool, session, fence, cli_id, MAX_CHUNKS).await
+            {
+                tracing::warn!(session.id = %session, error = %e, "compacting the transcript mirror failed");
             }
         });
     }

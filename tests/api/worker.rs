@@ -458,3 +458,92 @@ async fn finished_jobs_are_pruned_after_their_retention_and_nothing_else() {
     left.sort();
     assert_eq!(left, ["new-done", "pending", "running"]);
 }
+
+#[tokio::test]
+async fn a_long_transcript_mirror_is_folded_into_one_chunk_by_its_owner_only() {
+    let app = TestApp::spawn().await;
+    let (session, worker, _) = session_and_worker(&app).await;
+    let ttl = Duration::from_secs(30);
+    let fence = leases::claim(&app.db.pool, session, worker, ttl)
+        .await
+        .unwrap()
+        .unwrap();
+    let cli = uuid::Uuid::new_v4();
+    let mut whole = Vec::new();
+    for i in 0..70 {
+        let line = format!("{{\"turn\":{i}}}\n").into_bytes();
+        let mut conn = app.db.pool.acquire().await.unwrap();
+        assert!(
+            store::sessions::append_agent_state(
+                &mut conn,
+                session,
+                fence,
+                cli,
+                whole.len() as i64,
+                &line
+            )
+            .await
+            .unwrap()
+        );
+        whole.extend_from_slice(&line);
+    }
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from agent_state_chunks where session_id = $1",
+        )
+        .bind(session)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+    };
+    // A worker that lost the lease folds nothing.
+    let stale = store::events::Fence {
+        worker_id: WorkerId::new_random(),
+        generation: fence.generation,
+    };
+    assert!(
+        !store::sessions::compact_agent_state(&app.db.pool, session, stale, cli, 64)
+            .await
+            .unwrap()
+    );
+    assert_eq!(count().await, 70);
+    assert!(
+        store::sessions::compact_agent_state(&app.db.pool, session, fence, cli, 64)
+            .await
+            .unwrap()
+    );
+    assert_eq!(count().await, 1);
+    assert_eq!(
+        store::sessions::agent_state(&app.db.pool, session, cli)
+            .await
+            .unwrap(),
+        Some(whole.clone())
+    );
+    assert_eq!(
+        store::sessions::mirrored_len(&app.db.pool, session, cli)
+            .await
+            .unwrap(),
+        whole.len() as i64
+    );
+    // Appends go on after the fold.
+    let mut conn = app.db.pool.acquire().await.unwrap();
+    assert!(
+        store::sessions::append_agent_state(
+            &mut conn,
+            session,
+            fence,
+            cli,
+            whole.len() as i64,
+            b"more\n"
+        )
+        .await
+        .unwrap()
+    );
+    whole.extend_from_slice(b"more\n");
+    assert_eq!(
+        store::sessions::agent_state(&app.db.pool, session, cli)
+            .await
+            .unwrap(),
+        Some(whole)
+    );
+}
