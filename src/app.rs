@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::jwt::Verifier;
 use crate::auth::{KEYS_CHANNEL, KeyCache};
 use crate::config::Settings;
 use crate::events::hub::EventHub;
@@ -30,8 +31,10 @@ pub struct App {
     pub auth: AuthMode,
     /// Wake-ups for event streams, fed by this process's LISTEN connection.
     pub hub: EventHub,
-    /// Keys this process has authenticated recently (emptied on any key change).
+    /// Keys (and JWTs) this process has authenticated recently (emptied on any key change).
     pub keys: Arc<KeyCache>,
+    /// JWT verification, when `auth.jwt` is configured.
+    pub jwt: Option<Arc<Verifier>>,
     /// Cancelled at shutdown: long-lived responses (event streams, waits) end with it.
     pub shutdown: CancellationToken,
 }
@@ -64,12 +67,26 @@ impl AppState {
             },
             shutdown.token.child_token(),
         ));
+        // Loading the settings has checked the keys already; failing here (a key file
+        // removed since) leaves tokens refused rather than the process down.
+        let jwt = settings
+            .auth
+            .jwt
+            .as_ref()
+            .and_then(|jwt| match Verifier::new(jwt) {
+                Ok(verifier) => Some(Arc::new(verifier)),
+                Err(e) => {
+                    tracing::error!(error = %e, "JWTs cannot be verified; every token is refused");
+                    None
+                }
+            });
         Self::new(App {
             pool,
             settings,
             auth,
             hub,
             keys,
+            jwt,
             shutdown: shutdown.token.clone(),
         })
     }

@@ -1,4 +1,7 @@
-//! API keys and the authenticated principal: key generation, hashing, role checks.
+//! API keys and the authenticated principal: key generation, hashing, role checks. JWTs
+//! from a configured issuer are the other way in ([`jwt`]).
+
+pub mod jwt;
 
 use rand::Rng;
 use rand::distr::Alphanumeric;
@@ -39,8 +42,10 @@ pub fn display_prefix(key: &str) -> String {
 pub struct Principal {
     pub tenant_id: TenantId,
     pub tenant_name: String,
-    /// `None` when auth is off (`--insecure-no-auth`).
+    /// The API key presented; `None` for a JWT, and when auth is off (`--insecure-no-auth`).
     pub key_id: Option<ApiKeyId>,
+    /// The `sub` of the JWT presented, if the caller came with one.
+    pub subject: Option<String>,
     pub role: Role,
 }
 
@@ -51,9 +56,10 @@ impl Principal {
 
     /// How the audit trail names this caller.
     pub fn actor(&self) -> String {
-        match self.key_id {
-            Some(id) => format!("key:{id}"),
-            None => "anonymous".into(),
+        match (&self.key_id, &self.subject) {
+            (Some(id), _) => format!("key:{id}"),
+            (None, Some(sub)) => format!("jwt:{sub}"),
+            (None, None) => "anonymous".into(),
         }
     }
 }
@@ -141,6 +147,7 @@ mod cache_tests {
                 tenant_id: TenantId(uuid::Uuid::nil()),
                 tenant_name: "t".into(),
                 key_id: None,
+                subject: None,
                 role: Role::User,
             },
         );

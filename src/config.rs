@@ -84,6 +84,7 @@ pub struct Settings {
     pub embedded: EmbeddedSettings,
     pub worker: WorkerSettings,
     pub providers: ProvidersSettings,
+    pub auth: AuthSettings,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -213,6 +214,90 @@ fn default_models() -> Vec<String> {
     vec!["default".into()]
 }
 
+/// How callers authenticate besides API keys (which always work).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// JWT bearer tokens from one issuer; off when absent.
+    pub jwt: Option<JwtSettings>,
+}
+
+/// JWT bearer tokens (RFC 8725 practice): one issuer, one audience, one pinned algorithm
+/// and its keys. The checks are in `auth::jwt`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    /// The exact `iss` of accepted tokens.
+    pub issuer: String,
+    /// The `aud` accepted tokens must name (a string, or one entry of an array).
+    pub audience: String,
+    /// The one accepted `alg`; a token whose header names another is refused.
+    pub algorithm: JwtAlgorithm,
+    /// The HMAC secret, for `HS256` only (at least 32 bytes).
+    #[serde(default)]
+    pub hs256_secret: Option<Secret>,
+    /// A PEM file with the issuer's public key (`RS256`, `ES256`, `EdDSA`).
+    #[serde(default)]
+    pub public_key_pem: Option<PathBuf>,
+    /// A JWKS file with the issuer's public keys, chosen by the token's `kid`; re-read when
+    /// a token names a `kid` it lacks (at most every 10 s), so keys rotate without a restart.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`; at most 60 s.
+    #[serde(default = "default_jwt_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// The claim naming the caller's tenant (a tenant name).
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// The claim carrying the role: `admin`, or an array containing `admin`, makes an
+    /// admin; anything else (or no claim) a user.
+    #[serde(default = "default_role_claim")]
+    pub role_claim: String,
+    /// When set, the header's `typ` must be this (e.g. `at+jwt`, RFC 9068).
+    #[serde(default)]
+    pub required_typ: Option<String>,
+    /// Create a token's tenant on first use; when false such a token is refused (403).
+    #[serde(default)]
+    pub auto_create_tenants: bool,
+}
+
+/// The algorithms a deployment may pin. No `none`, and HMAC only with its own secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+    EdDSA,
+}
+
+fn default_jwt_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+
+fn default_role_claim() -> String {
+    "role".into()
+}
+
+/// The keys of `auth.jwt`, for the environment check (the section is absent by default,
+/// so the serialized defaults cannot name them).
+const JWT_KEYS: &[&str] = &[
+    "issuer",
+    "audience",
+    "algorithm",
+    "hs256_secret",
+    "public_key_pem",
+    "jwks_file",
+    "leeway",
+    "tenant_claim",
+    "role_claim",
+    "required_typ",
+    "auto_create_tenants",
+];
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -229,6 +314,7 @@ impl Default for Settings {
             embedded: EmbeddedSettings::default(),
             worker: WorkerSettings::default(),
             providers: ProvidersSettings::default(),
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -467,7 +553,13 @@ fn env_provider(vars: Vec<(String, String)>) -> impl figment::Provider {
                     })
                     .collect::<Vec<_>>()
                     .join(".");
-                let parsed: Value = if child_env {
+                // JWT names and secrets are text even when they look like numbers (a
+                // numeric audience, an all-digit secret).
+                let jwt_text = parts.len() == 3
+                    && parts[0].eq_ignore_ascii_case("auth")
+                    && parts[1].eq_ignore_ascii_case("jwt")
+                    && !parts[2].eq_ignore_ascii_case("auto_create_tenants");
+                let parsed: Value = if child_env || jwt_text {
                     Value::from(value.clone())
                 } else {
                     value.parse().unwrap_or_else(|_| Value::from(value.clone()))
@@ -517,6 +609,9 @@ fn is_known(tree: &Dict, path: &[String]) -> bool {
     }
     if path.len() == 3 && first == "providers" && path[2] == "home" {
         return true;
+    }
+    if path.len() == 3 && first == "auth" && path[1] == "jwt" {
+        return JWT_KEYS.contains(&path[2].as_str());
     }
     // Provider `env` maps take any variable name.
     if path.len() == 4 && first == "providers" && path[2] == "env" {
@@ -630,6 +725,11 @@ fn validate(s: &Settings) -> Result<(), Error> {
             "log_level",
             "is not a valid filter (e.g. `info` or `hotplex=debug`)",
         );
+    }
+    // Loads the key material too, so that a bad key file stops the start (and shows in
+    // `hotplex config validate`), not the first request.
+    if let Some(jwt) = &s.auth.jwt {
+        crate::auth::jwt::Verifier::new(jwt).map_err(|e| Error::Invalid(e.to_string()))?;
     }
     Ok(())
 }
@@ -851,11 +951,93 @@ mod tests {
             "work_root",
             "bin_dir",
             "run_as",
-        ] {
+        ]
+        .iter()
+        .chain(JWT_KEYS)
+        {
             assert!(
                 text.contains(&format!("{key}:")),
                 "configs/hotplex.yaml lacks `{key}`"
             );
         }
+    }
+
+    #[test]
+    fn jwt_settings_come_from_env_as_text_with_the_secret_redacted() {
+        let e = env(&[
+            ("HOTPLEX_AUTH__JWT__ISSUER", "https://idp.example"),
+            ("HOTPLEX_AUTH__JWT__AUDIENCE", "12345"),
+            ("HOTPLEX_AUTH__JWT__ALGORITHM", "HS256"),
+            (
+                "HOTPLEX_AUTH__JWT__HS256_SECRET",
+                "12345678901234567890123456789012345",
+            ),
+            ("HOTPLEX_AUTH__JWT__LEEWAY", "10s"),
+            ("HOTPLEX_AUTH__JWT__AUTO_CREATE_TENANTS", "true"),
+        ]);
+        let loaded = load_from(&ConfigFile::Default, &Overrides::default(), e).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let jwt = loaded.settings.auth.jwt.clone().unwrap();
+        assert_eq!(jwt.issuer, "https://idp.example");
+        assert_eq!(jwt.audience, "12345");
+        assert_eq!(jwt.algorithm, JwtAlgorithm::HS256);
+        assert_eq!(jwt.leeway, Duration::from_secs(10));
+        assert_eq!(jwt.tenant_claim, "tenant");
+        assert!(jwt.auto_create_tenants);
+        assert_eq!(
+            jwt.hs256_secret.as_ref().map(Secret::expose),
+            Some("12345678901234567890123456789012345")
+        );
+        let text = render(&loaded.settings);
+        assert!(
+            !text.contains("1234567890123456789") && text.contains("[redacted]"),
+            "{text}"
+        );
+        assert!(!format!("{:?}", loaded.settings).contains("1234567890123456789"));
+        assert!(
+            load_from(&ConfigFile::Default, &Overrides::default(), env(&[]))
+                .unwrap()
+                .settings
+                .auth
+                .jwt
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_bad_jwt_key_file_is_named_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("idp.pem");
+        std::fs::write(&pem, "not a key").unwrap();
+        let (_d, f) = file(&format!(
+            "auth:\n  jwt:\n    issuer: https://idp.example\n    audience: hotplex\n    \
+             algorithm: RS256\n    public_key_pem: {}\n",
+            pem.display()
+        ));
+        let err = load_from(&f, &Overrides::default(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.jwt.public_key_pem") && err.contains("idp.pem"),
+            "{err}"
+        );
+        std::fs::remove_file(&pem).unwrap();
+        let err = load_from(&f, &Overrides::default(), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.jwt.public_key_pem") && err.contains("idp.pem"),
+            "{err}"
+        );
+        let e = env(&[("HOTPLEX_AUTH__JWT__LEEWAY", "2m")]);
+        let err = load_from(&f, &Overrides::default(), e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth.jwt.leeway"), "{err}");
+        let e = env(&[("HOTPLEX_AUTH__JWT__ALGORITHM", "none")]);
+        let err = load_from(&f, &Overrides::default(), e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("algorithm"), "{err}");
     }
 }

@@ -9,7 +9,7 @@
 //! - [`telemetry`] — logging to stderr.
 //! - [`app`] — shared state and the shutdown handle.
 //! - [`domain`] — typed ids, validated values, the session-id derivation.
-//! - [`auth`] — API keys and the principal.
+//! - [`auth`] — API keys, JWTs and the principal.
 //! - [`api`] — the HTTP API (native `/v1`, health, OpenAPI, Swagger UI).
 //! - [`db`], [`embedded_pg`] — the database a process runs on, embedded or external.
 //! - [`store`] — every SQL statement.

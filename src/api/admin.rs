@@ -274,11 +274,13 @@ pub struct WhoAmI {
     pub tenant: String,
     pub tenant_id: TenantId,
     pub role: Role,
-    /// `null` when the server runs without auth.
+    /// The key presented; `null` for a JWT, and when the server runs without auth.
     pub key_id: Option<ApiKeyId>,
+    /// The `sub` of the JWT presented; `null` for a key.
+    pub subject: Option<String>,
 }
 
-/// Who the presented key belongs to.
+/// Who the presented key or token belongs to.
 #[utoipa::path(get, path = "/whoami", tag = super::tags::SESSIONS,
     responses((status = 200, description = "The caller", body = WhoAmI), AuthErrors),
     security(("bearerAuth" = []), ("apiKey" = [])))]
@@ -288,5 +290,6 @@ pub async fn get_whoami(principal: Principal) -> AppJson<WhoAmI> {
         tenant_id: principal.tenant_id,
         role: principal.role,
         key_id: principal.key_id,
+        subject: principal.subject,
     })
 }

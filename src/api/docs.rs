@@ -37,8 +37,11 @@ impl Modify for SecurityAddon {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("API key")
-                    .description(Some("`Authorization: Bearer <api key>`"))
+                    .bearer_format("API key or JWT")
+                    .description(Some(
+                        "`Authorization: Bearer <api key>`, or a JWT from the issuer set in \
+                         `auth.jwt` (when configured)",
+                    ))
                     .build(),
             ),
         );
@@ -56,7 +59,7 @@ impl Modify for SecurityAddon {
 #[derive(IntoResponses)]
 #[allow(dead_code)] // Only a description for the spec.
 pub enum AuthErrors {
-    /// No key, or an invalid or revoked one.
+    /// No key or token, or an invalid, expired or revoked one (with `WWW-Authenticate`).
     #[response(status = 401)]
     Unauthorized(ErrorBody),
     /// A server-side failure (details are in the server log, not here).
@@ -98,7 +101,7 @@ pub enum NotFoundError {
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum AdminErrors {
-    /// The key is not an admin key.
+    /// The caller is not an admin (key role, or the token's role claim).
     #[response(status = 403)]
     Forbidden(ErrorBody),
 }

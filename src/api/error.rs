@@ -36,6 +36,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     cause: Option<Arc<String>>,
+    /// `WWW-Authenticate` of a 401 (RFC 6750 §3).
+    challenge: Option<&'static str>,
 }
 
 /// The hidden cause of a 5xx, carried to the logging middleware in response extensions.
@@ -49,6 +51,7 @@ impl ApiError {
             code,
             message: message.into(),
             cause: None,
+            challenge: None,
         }
     }
 
@@ -56,8 +59,21 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// No usable credentials: a 401 that invites a bearer credential.
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        Self {
+            challenge: Some("Bearer"),
+            ..Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        }
+    }
+
+    /// A credential was presented and refused (bad, expired or revoked key or token).
+    /// `message` is short and says nothing about the server's keys.
+    pub fn invalid_token(message: impl Into<String>) -> Self {
+        Self {
+            challenge: Some(r#"Bearer error="invalid_token""#),
+            ..Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -87,6 +103,7 @@ impl ApiError {
             code: "internal",
             message: "internal server error".into(),
             cause: Some(Arc::new(cause.to_string())),
+            challenge: None,
         }
     }
 }
@@ -126,6 +143,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(challenge) = self.challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         if let Some(cause) = self.cause {
             response.extensions_mut().insert(ErrorCause(cause));

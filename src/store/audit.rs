@@ -10,7 +10,7 @@ use crate::domain::TenantId;
 #[derive(Debug, Clone)]
 pub struct AuditEntry<'a> {
     pub tenant_id: Option<TenantId>,
-    /// `key:<api_key_id>`, `cli`, or `system`.
+    /// `key:<api_key_id>`, `jwt:<sub>`, `cli`, or `system`.
     pub actor: &'a str,
     /// Dotted verb, e.g. `session.delete`, `key.revoke`.
     pub action: &'a str,

@@ -7,6 +7,7 @@ mod claude;
 mod errors;
 mod fleet;
 mod health;
+mod jwt;
 mod openapi;
 mod opencode;
 mod opencode_mock;
