@@ -10,6 +10,7 @@ pub mod extract;
 pub mod fleet;
 pub mod health;
 pub mod opencode;
+pub mod policy;
 pub mod sessions;
 pub mod turns;
 

@@ -13,6 +13,7 @@ use crate::auth::{KEYS_CHANNEL, KeyCache};
 use crate::config::Settings;
 use crate::events::hub::EventHub;
 use crate::events::listener::Handler;
+use crate::waf::Waf;
 
 /// How requests are authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +36,9 @@ pub struct App {
     pub keys: Arc<KeyCache>,
     /// JWT verification, when `auth.jwt` is configured.
     pub jwt: Option<Arc<Verifier>>,
+    /// The WAF's compiled rules; `None` when they did not compile, and then every prompt is
+    /// refused (fail closed).
+    pub waf: Option<Arc<Waf>>,
     /// Cancelled at shutdown: long-lived responses (event streams, waits) end with it.
     pub shutdown: CancellationToken,
 }
@@ -80,6 +84,15 @@ impl AppState {
                     None
                 }
             });
+        // Loading the settings has compiled the rules already; only settings built by hand
+        // can fail here.
+        let waf = match Waf::new(&settings.waf) {
+            Ok(waf) => Some(Arc::new(waf)),
+            Err(e) => {
+                tracing::error!(error = %e, "the WAF rules do not compile; every prompt is refused");
+                None
+            }
+        };
         Self::new(App {
             pool,
             settings,
@@ -87,6 +100,7 @@ impl AppState {
             hub,
             keys,
             jwt,
+            waf,
             shutdown: shutdown.token.clone(),
         })
     }

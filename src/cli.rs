@@ -81,6 +81,9 @@ pub enum Command {
     /// Manage API keys directly in the database.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// The WAF's rules, as configured.
+    #[command(subcommand)]
+    Waf(WafCommand),
     /// A fake Claude Code speaking stream-json, for tests and benchmarks.
     #[command(hide = true)]
     FakeAgent {
@@ -124,6 +127,20 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
     #[command(flatten)]
     pub data: DataArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WafCommand {
+    /// Print the verdict on a text (the matching rule, its level and category, what it
+    /// matched): exit 0 when allowed, 1 when blocked, 2 on a configuration error.
+    Test {
+        /// The prompt or command to check; `-` reads it from stdin.
+        #[arg(allow_hyphen_values = true)]
+        text: String,
+        /// Check it as the input of this tool (e.g. `Bash`) rather than as a prompt.
+        #[arg(long, value_name = "TOOL")]
+        tool: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,6 +231,10 @@ mod tests {
             Command::Config(ConfigCommand::Validate { file: Some(_) })
         ));
         assert!(Cli::try_parse_from(["hotplex", "serve", "--insecure-no-auth"]).is_ok());
+        assert!(matches!(
+            Cli::try_parse_from(["hotplex", "waf", "test", "-"]).unwrap().command,
+            Command::Waf(WafCommand::Test { text, tool: None }) if text == "-"
+        ));
         assert!(matches!(
             Cli::try_parse_from(["hotplex", "worker", "--data-dir", "/tmp/x"])
                 .unwrap()

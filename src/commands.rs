@@ -12,7 +12,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::api;
 use crate::app::{AppState, AuthMode, Shutdown};
 use crate::auth::{display_prefix, generate_key, hash_key};
-use crate::cli::{Cli, Command, ConfigCommand, DataArgs, KeysCommand, ServeArgs, WorkerAction};
+use crate::cli::{
+    Cli, Command, ConfigCommand, DataArgs, KeysCommand, ServeArgs, WafCommand, WorkerAction,
+};
 use crate::config::{self, ConfigFile, Loaded, Overrides, Settings};
 use crate::db::{Database, EmbeddedMode};
 use crate::domain::{ApiKeyId, Role, TenantName};
@@ -71,6 +73,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys(cmd) => keys_command(cmd, &file, overrides).await,
+        Command::Waf(WafCommand::Test { text, tool }) => {
+            Ok(waf_test(&file, &overrides, &text, tool.as_deref()))
+        }
         Command::FakeAgent { args } => Ok(crate::fake_agent::run(args).await),
         Command::MockAnthropic { port, delay_ms } => {
             let options = crate::mock_llm::anthropic::MockOptions {
@@ -112,6 +117,65 @@ fn load(file: &ConfigFile, overrides: &Overrides) -> anyhow::Result<Loaded> {
         tracing::warn!("{warning}");
     }
     Ok(loaded)
+}
+
+/// `hotplex waf test`: the verdict of the configured rules on one text. No database.
+fn waf_test(file: &ConfigFile, overrides: &Overrides, text: &str, tool: Option<&str>) -> ExitCode {
+    // Exit 1 means "blocked", so failures to get that far are 2.
+    let failed = |message: String| {
+        eprintln!("{message}");
+        ExitCode::from(2)
+    };
+    let settings = match config::load(file, overrides) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                eprintln!("warning: {warning}");
+            }
+            loaded.settings
+        }
+        Err(e) => return failed(format!("invalid configuration:\n{e}")),
+    };
+    // A one-shot command with nothing else running: reading stdin may block this thread.
+    let text = if text == "-" {
+        let mut buf = String::new();
+        if let Err(e) = std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf) {
+            return failed(format!("error: reading stdin: {e}"));
+        }
+        buf
+    } else {
+        text.to_owned()
+    };
+    let waf = match crate::waf::Waf::new(&settings.waf) {
+        Ok(waf) => waf,
+        Err(e) => return failed(format!("invalid configuration:\n{e}")),
+    };
+    if !waf.enabled() {
+        println!("allowed: the WAF is off (waf.enabled: false)");
+        return ExitCode::SUCCESS;
+    }
+    let ctx = match tool {
+        Some(tool) => crate::waf::Context::ToolCall { tool },
+        None => crate::waf::Context::Prompt,
+    };
+    match waf.check(&text, ctx) {
+        crate::waf::Verdict::Blocked(f) => {
+            println!("blocked by {f}");
+            ExitCode::FAILURE
+        }
+        crate::waf::Verdict::Allowed { notes } => {
+            println!("allowed");
+            for f in notes {
+                match &f.allowed_by {
+                    Some(by) => println!("  lifted by allow rule {by}: {f}"),
+                    None => println!(
+                        "  below waf.block_level ({}): {f}",
+                        settings.waf.block_level.as_str()
+                    ),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn config_validate(file: &ConfigFile, overrides: &Overrides) -> ExitCode {

@@ -85,6 +85,7 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub providers: ProvidersSettings,
     pub auth: AuthSettings,
+    pub waf: WafSettings,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -315,6 +316,7 @@ impl Default for Settings {
             worker: WorkerSettings::default(),
             providers: ProvidersSettings::default(),
             auth: AuthSettings::default(),
+            waf: WafSettings::default(),
         }
     }
 }
@@ -363,6 +365,70 @@ impl Default for ProvidersSettings {
             },
         }
     }
+}
+
+/// The WAF ([`crate::waf`]): which deny rules run, from what level they block, and the
+/// anchored allow rules that may lift a match. Compiled (and so checked) at load.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WafSettings {
+    /// Check prompts at all.
+    pub enabled: bool,
+    /// Matches of this level and above block (`moderate`, `high`, `critical`); lower ones
+    /// are only logged.
+    pub block_level: crate::waf::Level,
+    /// Ids of rules (built-in or from `deny`) that do not run.
+    pub disabled_rules: Vec<String>,
+    /// Deny rules of the deployment, besides the built-in ones.
+    pub deny: Vec<WafDenyRule>,
+    /// Allow rules: each lifts a match of a moderate or high deny rule when it matches the
+    /// whole simple command the match lies in. Never a critical one.
+    pub allow: Vec<WafAllowRule>,
+}
+
+impl Default for WafSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            block_level: crate::waf::Level::High,
+            disabled_rules: Vec::new(),
+            deny: Vec::new(),
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// A deny rule of `waf.deny`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WafDenyRule {
+    /// A unique id (`a-z0-9._-`), shown when the rule blocks.
+    pub id: String,
+    /// A regex (case-insensitive) matched against each normalized line.
+    pub pattern: String,
+    pub level: crate::waf::Level,
+    #[serde(default = "custom_category")]
+    pub category: crate::waf::Category,
+    /// Why it blocks, shown to the client.
+    pub reason: String,
+}
+
+fn custom_category() -> crate::waf::Category {
+    crate::waf::Category::Custom
+}
+
+/// An allow rule of `waf.allow`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WafAllowRule {
+    /// A unique id, recorded when the rule lifts a match.
+    pub id: String,
+    /// A regex (case-sensitive) that must match a whole simple command: it is anchored at
+    /// both ends, whatever it says.
+    pub pattern: String,
+    /// What it is for (documentation only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// XDG data dir + `/hotplex` (e.g. `~/.local/share/hotplex`), or `./.hotplex` without a home.
@@ -731,6 +797,8 @@ fn validate(s: &Settings) -> Result<(), Error> {
     if let Some(jwt) = &s.auth.jwt {
         crate::auth::jwt::Verifier::new(jwt).map_err(|e| Error::Invalid(e.to_string()))?;
     }
+    // Compiles the rules, so that a bad pattern names its key at start.
+    crate::waf::Waf::new(&s.waf).map_err(|e| Error::Invalid(e.to_string()))?;
     Ok(())
 }
 

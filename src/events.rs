@@ -10,6 +10,7 @@ use serde_json::Value;
 use utoipa::ToSchema;
 
 use crate::domain::{SessionStatus, TurnId, WorkerId};
+use crate::waf::{Category, Level};
 
 /// Tokens, cost and time of one turn.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -101,6 +102,19 @@ pub enum EventBody {
     /// A frame of the agent that hotplex does not interpret, kept verbatim.
     #[serde(rename = "agent.raw")]
     AgentRaw { frame: Value },
+    /// The WAF refused a prompt: no turn was created.
+    #[serde(rename = "security.blocked")]
+    SecurityBlocked {
+        /// What was checked: `prompt`.
+        context: String,
+        /// The rule that matched (`waf.disabled_rules` names it).
+        rule_id: String,
+        level: Level,
+        category: Category,
+        reason: String,
+        /// What the rule matched, normalized and shortened.
+        fragment: String,
+    },
 }
 
 impl EventBody {
@@ -124,6 +138,7 @@ impl EventBody {
             Self::SessionStatus { .. } => "session.status",
             Self::ContextLost { .. } => "session.context_lost",
             Self::AgentRaw { .. } => "agent.raw",
+            Self::SecurityBlocked { .. } => "security.blocked",
         }
     }
 

@@ -16,6 +16,7 @@
 //! - [`worker`], [`provider`] — the worker and the agent processes it keeps warm.
 //! - [`events`] — the event model; [`sse`] — parsing event streams as a client.
 //! - [`opencode`] — OpenCode's ids, shapes and events, derived from ours (the compatible API).
+//! - [`waf`] — the regex tripwire for dangerous commands in prompts (and tool calls).
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -35,4 +36,5 @@ pub mod provider;
 pub mod sse;
 pub mod store;
 pub mod telemetry;
+pub mod waf;
 pub mod worker;

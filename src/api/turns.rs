@@ -131,7 +131,11 @@ pub struct CreateTurnQuery {
         (status = 202, description = "Accepted (queued), or still running after `timeout`", body = TurnResponse),
         (status = 200, description = "Finished (`wait=true`)", body = TurnResponse),
         (status = 409, description = "The Idempotency-Key was used for a different request", body = super::error::ErrorBody),
-        NotFoundError, InputErrors, AuthErrors),
+        NotFoundError, InputErrors,
+        (status = 422, description = "A wrong field, type or value; or the prompt was refused by the WAF \
+            (`blocked_by_policy`: the message names the rule, its level and category; a `security.blocked` event is emitted)",
+            body = super::error::ErrorBody),
+        AuthErrors),
     security(("bearerAuth" = []), ("apiKey" = [])))]
 pub async fn create_turn(
     State(state): State<AppState>,
@@ -171,6 +175,8 @@ pub async fn create_turn(
                 .request_timeout
                 .saturating_sub(Duration::from_millis(500)),
         );
+    // Before the enqueue: a refused prompt leaves no turn behind.
+    super::policy::screen_prompt(&state, &principal, path.session_id, &req.prompt).await?;
     let hash: [u8; 32] = Sha256::digest(req.prompt.as_bytes()).into();
 
     let new = NewTurn {

@@ -393,7 +393,9 @@ impl Transcript {
                 let err = json!({"name": "MessageAbortedError", "data": {"message": "Aborted"}});
                 fail(ctx, st, out, err);
             }
+            // A blocked prompt made no turn; its client got the refusal as the answer.
             EventBody::ContextLost { .. }
+            | EventBody::SecurityBlocked { .. }
             | EventBody::TurnRetried { .. }
             | EventBody::AgentRaw { .. }
             | EventBody::SessionStatus { .. }

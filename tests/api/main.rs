@@ -19,4 +19,5 @@ mod sessions;
 mod store;
 mod support;
 mod turns;
+mod waf;
 mod worker;

@@ -432,6 +432,8 @@ async fn enqueue(
     body: &Bytes,
 ) -> Result<turns::TurnRow, OcError> {
     let prompt = parse_prompt(body)?;
+    // Before anything changes: a refused prompt neither switches the model nor makes a turn.
+    crate::api::policy::screen_prompt(state, &caller.0, row.session_id, &prompt.text).await?;
     if let Some((provider, model)) = &prompt.model {
         let current = (row.provider().unwrap_or_default(), row.model.clone());
         if current != (*provider, model.clone()) {
