@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::process::GroupChild;
-use super::{AgentEvent, Error};
+use super::{AgentEvent, Error, TurnOutcome};
 use mapper::TurnMapper;
 
 /// How long a new server may take to print its address.
@@ -615,10 +615,61 @@ impl OpenCodeSession {
             let Some(turn) = self.turn.as_mut() else {
                 continue;
             };
-            self.pending.extend(turn.map(&ev));
+            let mut mapped = turn.map(&ev);
             if turn.is_ended() {
+                let user_message = turn.user_message().to_owned();
                 self.turn = None;
+                self.complete_text(&user_message, &mut mapped).await;
             }
+            self.pending.extend(mapped);
+        }
+    }
+
+    /// A turn that completed without any text seen: under load OpenCode can report the
+    /// session idle before it has published the answer's parts. The server's own record
+    /// of the turn's messages settles it: their final text becomes the result (streamed as
+    /// one delta, so clients see it too).
+    async fn complete_text(&self, user_message: &str, mapped: &mut Vec<AgentEvent>) {
+        let Some(AgentEvent::TurnEnded(end)) = mapped.last_mut() else {
+            return;
+        };
+        let TurnOutcome::Completed { result } = &mut end.outcome else {
+            return;
+        };
+        if !result.is_empty() {
+            return;
+        }
+        let path = format!("/session/{}/message?limit=16", self.id);
+        let response = self
+            .server
+            .request(reqwest::Method::GET, &path, Some(&self.cwd))
+            .send()
+            .await;
+        let Ok(messages) = (match response {
+            Ok(r) if r.status().is_success() => r.json::<Vec<Value>>().await,
+            _ => return,
+        }) else {
+            return;
+        };
+        let text = messages
+            .iter()
+            .rev()
+            .filter(|m| m["info"]["role"] == "assistant" && m["info"]["parentID"] == user_message)
+            .filter_map(|m| {
+                let text: String = m["parts"]
+                    .as_array()?
+                    .iter()
+                    .filter(|p| p["type"] == "text" && p["synthetic"] != true)
+                    .filter_map(|p| p["text"].as_str())
+                    .collect();
+                (!text.is_empty()).then_some(text)
+            })
+            .next();
+        if let Some(text) = text {
+            tracing::debug!(opencode.session = %self.id, "the answer's text came after idle; read it from the server");
+            *result = text.clone();
+            let at = mapped.len() - 1;
+            mapped.insert(at, AgentEvent::TextDelta(text));
         }
     }
 

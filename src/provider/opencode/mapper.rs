@@ -78,6 +78,11 @@ impl TurnMapper {
         self.aborted = true;
     }
 
+    /// Our user message of the turn.
+    pub fn user_message(&self) -> &str {
+        &self.user_message
+    }
+
     pub fn is_ended(&self) -> bool {
         self.ended
     }
