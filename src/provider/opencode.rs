@@ -640,15 +640,9 @@ impl OpenCodeSession {
             return;
         }
         let path = format!("/session/{}/message?limit=16", self.id);
-        let response = self
-            .server
-            .request(reqwest::Method::GET, &path, Some(&self.cwd))
-            .send()
-            .await;
-        let Ok(messages) = (match response {
-            Ok(r) if r.status().is_success() => r.json::<Vec<Value>>().await,
-            _ => return,
-        }) else {
+        let Ok(Some(Value::Array(messages))) =
+            mirror::get_json(&self.server, &path, &self.cwd).await
+        else {
             return;
         };
         let text = messages

@@ -289,7 +289,7 @@ fn replay_events(id: &str, info: &Value, messages: &[Value], now_ms: i64) -> Vec
 }
 
 /// `GET path` as JSON; `None` on 404.
-async fn get_json(server: &Server, path: &str, cwd: &Path) -> Result<Option<Value>> {
+pub(super) async fn get_json(server: &Server, path: &str, cwd: &Path) -> Result<Option<Value>> {
     let r = server
         .request(reqwest::Method::GET, path, Some(cwd))
         .timeout(HTTP_TIMEOUT)
