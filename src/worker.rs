@@ -56,16 +56,6 @@ pub struct Worker {
     draining: std::sync::atomic::AtomicBool,
 }
 
-/// Whether a process runs with this pid (a zombie does not count). A reused pid reads as
-/// alive: the worker it belonged to is then left to the TTL sweep.
-fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the parenthesised command name, which may contain spaces.
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
-    })
-}
-
 /// This host's name, as workers record it (to find a lost worker's processes on its host).
 pub fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
@@ -119,6 +109,7 @@ impl Worker {
             &host,
             std::process::id(),
             settings.worker.capacity,
+            crate::provider::process::pid_namespace().as_deref(),
         )
         .await?;
         let tasks = TaskTracker::new();
@@ -325,10 +316,14 @@ impl Worker {
     /// on this host are killed.
     async fn reap_lost_workers(&self) -> Result<(), store::Error> {
         let host = hostname();
-        let gone: Vec<WorkerId> = store::workers::visible(&self.pool, self.id, &host)
-            .await?
+        // A reused pid reads as alive: that worker is left to the TTL sweep below.
+        let visible = match crate::provider::process::pid_namespace() {
+            Some(ns) => store::workers::visible(&self.pool, self.id, &host, &ns).await?,
+            None => Vec::new(),
+        };
+        let gone: Vec<WorkerId> = visible
             .into_iter()
-            .filter(|(_, pid)| !process_alive(*pid))
+            .filter(|(_, pid)| !crate::provider::process::process_alive(*pid))
             .map(|(id, _)| id)
             .collect();
         let mut dead = if gone.is_empty() {

@@ -60,6 +60,24 @@ impl Limits {
     }
 }
 
+/// This process's PID namespace (`pid:[4026531836]`), if readable: with the host name, it
+/// says which workers' processes this one can see.
+pub fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Whether a process runs with this pid (a zombie does not count). A reused pid reads as
+/// alive.
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the parenthesised command name, which may contain spaces.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
 /// Resident memory of a process, in bytes (`VmRSS`); `None` when it is gone.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -12,6 +12,7 @@ pub async fn register(
     host: &str,
     pid: u32,
     capacity: u32,
+    pid_ns: Option<&str>,
 ) -> Result<()> {
     sqlx::query(
         "insert into workers (worker_id, host, pid, version, capacity, pid_ns)
@@ -22,29 +23,20 @@ pub async fn register(
     .bind(pid as i32)
     .bind(env!("CARGO_PKG_VERSION"))
     .bind(capacity as i32)
-    .bind(pid_namespace())
+    .bind(pid_ns)
     .execute(db)
     .await?;
     Ok(())
 }
 
-/// This process's PID namespace (`pid:[4026531836]`), if readable.
-pub fn pid_namespace() -> Option<String> {
-    std::fs::read_link("/proc/self/ns/pid")
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned())
-}
-
 /// Live workers (other than `me`) whose processes this one can see: same host, same PID
-/// namespace. With their OS pids.
+/// namespace `pid_ns`. With their OS pids.
 pub async fn visible(
     db: impl PgExecutor<'_>,
     me: WorkerId,
     host: &str,
+    pid_ns: &str,
 ) -> Result<Vec<(WorkerId, i32)>> {
-    let Some(ns) = pid_namespace() else {
-        return Ok(Vec::new());
-    };
     let rows = sqlx::query_as(
         "select worker_id, pid from workers
           where stopped_at is null and worker_id <> $1 and host = $2 and pid_ns = $3
@@ -52,7 +44,7 @@ pub async fn visible(
     )
     .bind(me)
     .bind(host)
-    .bind(ns)
+    .bind(pid_ns)
     .fetch_all(db)
     .await?;
     Ok(rows)

@@ -480,8 +480,12 @@ async fn the_opencode_mirror_is_written_under_the_lease_and_follows_the_server()
     let pool = &app.db.pool;
     let session: SessionId = app.new_session(&app.admin_key).await.parse().unwrap();
     let (a, b) = (WorkerId::new_random(), WorkerId::new_random());
-    workers::register(pool, a, "host-a", 1, 4).await.unwrap();
-    workers::register(pool, b, "host-b", 2, 4).await.unwrap();
+    workers::register(pool, a, "host-a", 1, 4, None)
+        .await
+        .unwrap();
+    workers::register(pool, b, "host-b", 2, 4, None)
+        .await
+        .unwrap();
     let ttl = Duration::from_secs(30);
     let fence_a = leases::claim(pool, session, a, ttl).await.unwrap().unwrap();
     let message = |id: &str, text: &str| {

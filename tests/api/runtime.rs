@@ -429,7 +429,7 @@ async fn a_turn_whose_lease_is_taken_over_stops_its_agent_at_once_and_writes_not
     let pid = started_events(&app, &sid).await[0]["pid"].as_i64().unwrap();
     // Another worker takes the session over (as after a partition): a new generation.
     let other = hotplex::domain::WorkerId::new_random();
-    hotplex::store::workers::register(&app.db.pool, other, "elsewhere", 1, 4)
+    hotplex::store::workers::register(&app.db.pool, other, "elsewhere", 1, 4, None)
         .await
         .unwrap();
     sqlx::query(

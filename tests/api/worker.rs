@@ -24,7 +24,7 @@ async fn session_and_worker(app: &TestApp) -> (SessionId, WorkerId, TurnId) {
         .unwrap();
     let turn: TurnId = t["id"].as_str().unwrap().parse().unwrap();
     let worker = WorkerId::new_random();
-    store::workers::register(&app.db.pool, worker, "test-host", 1, 4)
+    store::workers::register(&app.db.pool, worker, "test-host", 1, 4, None)
         .await
         .unwrap();
     (session, worker, turn)
@@ -35,7 +35,7 @@ async fn leases_fence_out_a_worker_that_lost_its_session() {
     let app = TestApp::spawn().await;
     let (session, a, turn) = session_and_worker(&app).await;
     let b = WorkerId::new_random();
-    store::workers::register(&app.db.pool, b, "other-host", 2, 4)
+    store::workers::register(&app.db.pool, b, "other-host", 2, 4, None)
         .await
         .unwrap();
     let ttl = Duration::from_secs(30);
@@ -262,7 +262,7 @@ async fn a_warm_sessions_owner_runs_a_turn_on_the_notify_alone() {
 async fn turn_of_a_lost_worker(app: &TestApp, prompt: &str, output: bool) -> (SessionId, TurnId) {
     let session: SessionId = app.new_session(&app.admin_key).await.parse().unwrap();
     let ghost = WorkerId::new_random();
-    store::workers::register(&app.db.pool, ghost, "ghost-host", 1, 4)
+    store::workers::register(&app.db.pool, ghost, "ghost-host", 1, 4, None)
         .await
         .unwrap();
     let fence = leases::claim(&app.db.pool, session, ghost, Duration::from_secs(30))
@@ -391,7 +391,7 @@ async fn a_released_lease_is_free_at_once_and_its_generations_keep_growing() {
     let app = TestApp::spawn().await;
     let (session, a, _) = session_and_worker(&app).await;
     let b = WorkerId::new_random();
-    store::workers::register(&app.db.pool, b, "other-host", 2, 4)
+    store::workers::register(&app.db.pool, b, "other-host", 2, 4, None)
         .await
         .unwrap();
     let ttl = Duration::from_secs(30);
