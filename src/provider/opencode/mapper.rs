@@ -154,6 +154,13 @@ impl TurnMapper {
         }
     }
 
+    /// The deltas held for a message, no longer counted against the bound.
+    fn take_pending(&mut self, msg: &str) -> Vec<(String, String)> {
+        let held = self.pending.remove(msg).unwrap_or_default();
+        self.pending_bytes -= held.iter().map(|(_, d)| d.len()).sum::<usize>();
+        held
+    }
+
     /// A text (or reasoning) delta of one of our messages.
     fn delta(&mut self, msg: &str, part: &str, delta: String) -> AgentEvent {
         match self.part_kinds.get(part).map(String::as_str) {
@@ -172,17 +179,12 @@ impl TurnMapper {
         let id = s(&info["id"]).to_owned();
         if s(&info["role"]) != "assistant" || s(&info["parentID"]) != self.user_message {
             // Not ours: its held deltas can go.
-            if let Some(held) = self.pending.remove(&id) {
-                self.pending_bytes -= held.iter().map(|(_, d)| d.len()).sum::<usize>();
-            }
+            self.take_pending(&id);
             return Vec::new();
         }
         let mut out = Vec::new();
-        if self.assistants.insert(id.clone())
-            && let Some(held) = self.pending.remove(&id)
-        {
-            self.pending_bytes -= held.iter().map(|(_, d)| d.len()).sum::<usize>();
-            for (part, delta) in held {
+        if self.assistants.insert(id.clone()) {
+            for (part, delta) in self.take_pending(&id) {
                 out.push(self.delta(&id, &part, delta));
             }
         }
