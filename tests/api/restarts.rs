@@ -61,13 +61,12 @@ impl Follower {
                         c = body.next() => c,
                     };
                     let Some(Ok(chunk)) = chunk else { break };
-                    for frame in parser.push(&chunk) {
-                        let id = frame.id.as_deref().and_then(|i| i.parse().ok());
-                        let data = serde_json::from_str(&frame.data).ok();
-                        if let (Some(id), Some(event), Some(data)) = (id, frame.event, data) {
-                            seen2.lock().unwrap().push(SseEvent { id, event, data });
-                        }
-                    }
+                    seen2.lock().unwrap().extend(
+                        parser
+                            .push(&chunk)
+                            .into_iter()
+                            .filter_map(SseEvent::from_frame),
+                    );
                 }
             }
         });

@@ -540,6 +540,17 @@ pub struct SseEvent {
     pub data: serde_json::Value,
 }
 
+impl SseEvent {
+    /// An event frame with an id, a name and JSON data; `None` for anything else.
+    pub fn from_frame(frame: hotplex::sse::Frame) -> Option<Self> {
+        Some(Self {
+            id: frame.id.as_deref()?.parse().ok()?,
+            data: serde_json::from_str(&frame.data).ok()?,
+            event: frame.event?,
+        })
+    }
+}
+
 /// Reads an SSE response event by event.
 pub struct Sse {
     stream: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<Vec<u8>>> + Send>>,
@@ -578,13 +589,12 @@ impl Sse {
                     .await
                     .expect("the event stream ended")
                     .expect("reading the event stream");
-                for frame in self.parser.push(&chunk) {
-                    let id = frame.id.as_deref().and_then(|i| i.parse().ok());
-                    let data = serde_json::from_str(&frame.data).ok();
-                    if let (Some(id), Some(event), Some(data)) = (id, frame.event, data) {
-                        self.ready.push_back(SseEvent { id, event, data });
-                    }
-                }
+                self.ready.extend(
+                    self.parser
+                        .push(&chunk)
+                        .into_iter()
+                        .filter_map(SseEvent::from_frame),
+                );
             }
         })
         .await
